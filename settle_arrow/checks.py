@@ -1,0 +1,60 @@
+"""Self-checks (自检测): invariants asserted on every window before it commits.
+
+Data model: a processed Window -> list of violation messages (empty when all hold).
+
+Invariants checked (SPEC §3–5), on the window's deltas; since every table is the sum of its
+deltas and each delta satisfies them, the tables satisfy them after every window:
+  * rows read = rows accepted + rows quarantined;
+  * Σ net_quantity over participants = 0 per (market, trade_date, security);
+  * net_quantity = buy_quantity − sell_quantity on every obligation row;
+  * Σ net_amount over participants = −Σ fees per (market, trade_date);
+  * Σ holdings delta = 0 per (market, security) (trades conserve holdings).
+The same invariants over whole tables are checked by storage.verify() at the end of a run.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from settle_arrow import schema
+from settle_arrow.errors import SelfCheckError  # noqa: F401  (re-exported for callers)
+from settle_arrow.stages.base import Window
+
+FEE_COLS = list(schema.FEE_COLUMNS.values())
+
+
+def _first(frame: pl.DataFrame, limit: int = 3) -> str:
+    return "; ".join(str(r) for r in frame.head(limit).rows(named=True))
+
+
+def window_violations(window: Window) -> list[str]:
+    f = window.frames
+    out: list[str] = []
+    n_in, n_acc, n_q = f["input"].height, f["accepted"].height, f["quarantine"].height
+    if n_in != n_acc + n_q:
+        out.append(f"rows read {n_in} != accepted {n_acc} + quarantined {n_q}")
+
+    sec = f["obligations_securities_delta"]
+    bad = sec.group_by("market", "trade_date", "security_id").agg(pl.col("net_quantity").sum()).filter(
+        pl.col("net_quantity") != 0
+    )
+    if bad.height:
+        out.append(f"net securities do not sum to zero: {_first(bad)}")
+    bad = sec.filter(pl.col("net_quantity") != pl.col("buy_quantity") - pl.col("sell_quantity"))
+    if bad.height:
+        out.append(f"net_quantity != buy - sell: {_first(bad)}")
+
+    cash = f["obligations_cash_delta"]
+    bad = (
+        cash.group_by("market", "trade_date")
+        .agg(pl.col("net_amount").sum(), pl.sum_horizontal(pl.col(FEE_COLS)).sum().alias("fees"))
+        .filter(pl.col("net_amount") != -pl.col("fees"))
+    )
+    if bad.height:
+        out.append(f"net cash != -fees: {_first(bad)}")
+
+    hold = f["holdings_delta"]
+    bad = hold.group_by("market", "security_id").agg(pl.col("quantity").sum()).filter(pl.col("quantity") != 0)
+    if bad.height:
+        out.append(f"holdings not conserved: {_first(bad)}")
+    return out

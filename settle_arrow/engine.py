@@ -1,0 +1,264 @@
+"""The engine (control plane): windows in, stages through, one atomic commit per window.
+
+Data model: ordered SourceFiles -> windows (a window is `window_rows` consecutive input
+rows, possibly spanning files; `batch` makes the whole input one window) -> stages ->
+storage.commit_window -> state effects.
+
+Invariants:
+  * one Python iteration per window, never per row;
+  * a window's outputs, its checkpoint and the new source offsets commit in one
+    transaction; in-memory state changes only after that commit; on restart the offsets
+    say where to resume and recovery rebuilds the state, so every input row is processed
+    exactly once whatever moment the process dies at;
+  * a window whose self-checks fail is not committed and stops the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import polars as pl
+import pyarrow as pa
+
+from settle_arrow import checks, schema
+from settle_arrow.errors import SelfCheckError, UserError
+from settle_arrow.io.files import SourceError, SourceFile, discover, read_batches
+from settle_arrow.recovery import recover
+from settle_arrow.refdata import RefData, RefDataError, load_refdata
+from settle_arrow.stages.base import Stage, StageContext, Window
+from settle_arrow.stages.clearing import Clear
+from settle_arrow.stages.registration import Register
+from settle_arrow.stages.validate import Validate
+from settle_arrow.storage import Storage, open_storage
+
+WINDOW_ROWS_DEFAULT = 100_000
+WINDOW_ROWS_MAX = 50_000_000
+# A delta table is folded when it has grown by this factor over its last folded size.
+COMPACT_GROWTH = 2
+COMPACT_ROWS_MIN = 2_000_000
+STAGES: tuple[Stage, ...] = (Validate(), Clear(), Register())
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayReport:
+    target: str
+    sources: int
+    rows_skipped: int  # committed by an earlier run: exactly-once skip
+    rows_read: int
+    rows_accepted: int
+    rows_quarantined: int
+    by_reason: dict[str, int]
+    windows: int
+    seconds: float
+    self_check: str
+
+    @property
+    def trades_per_s(self) -> float:
+        return self.rows_read / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class _RawWindow:
+    frame: pl.DataFrame
+    progress: tuple[tuple[str, int, int], ...]  # (source, size_bytes, rows_done) touched
+    last_source: str
+    last_offset: int
+
+
+def _batch_frame(batch: pa.RecordBatch, src: SourceFile, first_row: int) -> pl.DataFrame:
+    cols = [c for c in schema.INPUT_TRADE.names if c in batch.schema.names]
+    if not cols:
+        raise SourceError(f"{src.url} has none of the trade columns (found: {', '.join(batch.schema.names[:8])})")
+    frame = pl.from_arrow(pa.Table.from_batches([batch.select(cols)]))
+    assert isinstance(frame, pl.DataFrame)
+    return frame.with_columns(
+        pl.lit(src.url).alias("source"),
+        pl.int_range(first_row, first_row + batch.num_rows, dtype=pl.Int64).alias("source_row"),
+    )
+
+
+def _concat(frames: list[pl.DataFrame]) -> pl.DataFrame:
+    if not frames:
+        return pl.from_arrow(schema.INPUT_TRADE.empty_table()).with_columns(
+            pl.lit(None, dtype=pl.String).alias("source"), pl.lit(None, dtype=pl.Int64).alias("source_row")
+        )
+    if len({tuple(f.schema.items()) for f in frames}) == 1:
+        return pl.concat(frames)
+    # Files of different formats (text CSV, typed Parquet) meet in one window: fall back
+    # to text, which the validator parses strictly either way.
+    texts = [f.with_columns(pl.exclude("source_row").cast(pl.String)) for f in frames]
+    return pl.concat(texts, how="diagonal")
+
+
+def _windows(sources: tuple[SourceFile, ...], done: dict[str, tuple[int, int]], window_rows: int | None) -> Iterator[_RawWindow]:
+    """Cut the remaining input into windows; `window_rows=None` means one window."""
+    done = dict(done)  # updated as windows are handed out: the run's own progress
+    frames: list[pl.DataFrame] = []
+    touched: dict[str, tuple[int, int]] = {}
+    rows = 0
+    last = ("", 0)
+    for src in sources:
+        pos = done.get(src.url, (src.size_bytes, 0))[1]
+        touched.setdefault(src.url, (src.size_bytes, pos))
+        for batch in read_batches(src, start_row=pos):
+            while batch.num_rows:
+                take = batch.num_rows if window_rows is None else min(batch.num_rows, window_rows - rows)
+                frames.append(_batch_frame(batch.slice(0, take), src, pos))
+                pos += take
+                rows += take
+                batch = batch.slice(take)
+                touched[src.url] = (src.size_bytes, pos)
+                last = (src.url, pos)
+                if window_rows is not None and rows == window_rows:
+                    yield _RawWindow(_concat(frames), tuple((u, s, r) for u, (s, r) in touched.items()), *last)
+                    done.update(touched)
+                    frames, rows = [], 0
+                    touched = {src.url: (src.size_bytes, pos)}
+    fresh = any(done.get(u) != (s, r) for u, (s, r) in touched.items())
+    if rows or fresh:
+        # The tail window also records files that turned out empty, so a re-run skips them;
+        # a re-run over finished input yields nothing, so it commits nothing (exactly once).
+        yield _RawWindow(_concat(frames), tuple((u, s, r) for u, (s, r) in touched.items()), *last)
+
+
+def _digest(window: Window) -> str:
+    h = hashlib.sha256()
+    for name in ("obligations_securities_delta", "obligations_cash_delta", "holdings_delta"):
+        f = window.frames[name]
+        h.update(f"{name}:{f.height}:".encode())
+        h.update(f.hash_rows().sum().to_bytes(8, "little", signed=False) if f.height else b"")
+    return h.hexdigest()[:16]
+
+
+class Engine:
+    """Runs stages over windows into one TARGET; owns state, commits, metrics, errors."""
+
+    def __init__(self, storage: Storage, refdata: RefData, stages: tuple[Stage, ...] = STAGES):
+        self.storage = storage
+        self.refdata = refdata
+        self.stages = stages
+        storage.ensure_schema()
+        self._init_opening()
+        self.state = recover(storage, refdata)
+        self._delta_rows = {name: storage.count(name) for name in schema.DELTAS}
+        self._folded_rows = dict(self._delta_rows)
+
+    def _init_opening(self) -> None:
+        meta = self.storage.meta()
+        digest = meta.get("opening_digest")
+        if digest is None:
+            opening = self.refdata.tables["holdings"].select(schema.OUTPUT["holdings"].names).to_arrow()
+            window_id = self.storage.max_window_id()
+            self.storage.commit_window(
+                window_id=window_id,
+                appends={},
+                checkpoint={"source": "(opening holdings)", "offset": 0, "rows": opening.num_rows, "digest": self.refdata.opening_digest[:16]},
+                sources=(),
+                meta={"opening_digest": self.refdata.opening_digest},
+                extra={"opening_holdings": opening},
+            )
+        elif digest != self.refdata.opening_digest:
+            raise RefDataError(
+                f"reference holdings differ from the opening holdings {self.storage.url} was started with"
+            )
+
+    def process(self, window_id: int, frame: pl.DataFrame) -> Window:
+        """Run the stages over one window's input rows (no I/O, no state change)."""
+        window = Window(window_id=window_id, frames={"input": frame})
+        ctx = StageContext(refdata=self.refdata, state=self.state)
+        for stage in self.stages:
+            window = stage.process(window, ctx)
+        return window
+
+    def run(
+        self,
+        sources: tuple[SourceFile, ...],
+        window_rows: int | None = WINDOW_ROWS_DEFAULT,
+        on_window: Callable[[int, int], None] | None = None,
+    ) -> ReplayReport:
+        started = time.perf_counter()
+        done = self.storage.source_progress()
+        for src in sources:
+            if src.url in done and done[src.url][0] != src.size_bytes:
+                raise SourceError(
+                    f"{src.url} changed since it was replayed into {self.storage.url} "
+                    f"({done[src.url][0]} -> {src.size_bytes} bytes)"
+                )
+        skipped = sum(done.get(s.url, (0, 0))[1] for s in sources)
+        reasons: Counter[str] = Counter()
+        read = accepted = windows = 0
+        window_id = self.storage.max_window_id()
+        for raw in _windows(sources, done, window_rows):
+            window_id += 1
+            window = self.process(window_id, raw.frame)
+            problems = checks.window_violations(window)
+            if problems:
+                self.storage.record_self_check(window_id, problems)
+                raise SelfCheckError(f"window {window_id} not committed: {problems[0]}")
+            appends = {n: window.frames[n].to_arrow() for n in schema.WINDOW_APPENDS}
+            self.storage.commit_window(
+                window_id,
+                appends,
+                {"source": raw.last_source, "offset": raw.last_offset, "rows": raw.frame.height, "digest": _digest(window)},
+                raw.progress,
+            )
+            for effect in window.effects:
+                effect()
+            self._maybe_compact(window)
+            q = window.frames["quarantine"]
+            reasons.update(dict(q.group_by("reason").len().iter_rows()) if q.height else {})
+            read += raw.frame.height
+            accepted += window.frames["accepted"].height
+            windows += 1
+            if on_window:
+                on_window(read, windows)
+        problems = self.storage.verify()
+        self.storage.record_self_check(window_id, problems)
+        if problems:
+            raise SelfCheckError(f"whole-table self-check failed: {problems[0]}")
+        return ReplayReport(
+            target=self.storage.url,
+            sources=len(sources),
+            rows_skipped=skipped,
+            rows_read=read,
+            rows_accepted=accepted,
+            rows_quarantined=read - accepted,
+            by_reason={r: reasons[r] for r in schema.QUARANTINE_REASONS if reasons[r]},
+            windows=windows,
+            seconds=time.perf_counter() - started,
+            self_check="OK",
+        )
+
+    def _maybe_compact(self, window: Window) -> None:
+        for name in schema.DELTAS:
+            self._delta_rows[name] += window.frames[name].height
+            if self._delta_rows[name] > max(COMPACT_ROWS_MIN, COMPACT_GROWTH * self._folded_rows[name]):
+                self._folded_rows[name] = self._delta_rows[name] = self.storage.compact(name)
+
+
+def replay(
+    paths: list[str] | tuple[str, ...],
+    refdata: str,
+    target: str,
+    window_rows: int = WINDOW_ROWS_DEFAULT,
+    batch: bool = False,
+    on_window: Callable[[int, int], None] | None = None,
+    on_start: Callable[[tuple[SourceFile, ...]], None] | None = None,
+) -> ReplayReport:
+    """Replay trade files into TARGET (the library call the CLI `replay` wraps)."""
+    if not batch and not 1 <= window_rows <= WINDOW_ROWS_MAX:
+        raise UserError(f"window size must be between 1 and {WINDOW_ROWS_MAX:,} rows")
+    sources = discover(paths)
+    ref = load_refdata(refdata)
+    storage = open_storage(target)
+    try:
+        engine = Engine(storage, ref)
+        if on_start:
+            on_start(sources)
+        return engine.run(sources, None if batch else window_rows, on_window)
+    finally:
+        storage.close()

@@ -1,0 +1,13 @@
+"""Error kinds the CLI turns into one-line messages and exit codes (never tracebacks).
+
+UserError: the input, reference data, TARGET or options are wrong: exit 2.
+SelfCheckError: an invariant failed; the window was not committed: exit 3.
+"""
+
+
+class UserError(ValueError):
+    """Something the user can fix: a path, a file, a TARGET, reference data, an option."""
+
+
+class SelfCheckError(RuntimeError):
+    """An invariant does not hold: the window is not committed."""

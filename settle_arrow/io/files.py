@@ -1,0 +1,161 @@
+"""Input discovery and streaming reads over fsspec: paths, URLs, globs, directories.
+
+Data model: a user's PATH arguments -> an ordered tuple of `SourceFile(url, fmt, size_bytes)`;
+each file -> a stream of `pa.RecordBatch` in file order, starting at a row offset.
+
+Invariants:
+  * files of a directory or glob are taken in name order; arguments keep their order.
+  * a path that matches nothing, or a file of an unknown extension, is a `SourceError`.
+  * CSV is read as text only: typing is the validator's job, so a bad value never aborts
+    a read, it becomes a quarantined row.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+from collections.abc import Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+from settle_arrow.errors import UserError
+
+FORMATS = {".parquet": "parquet", ".arrow": "ipc", ".feather": "ipc", ".ipc": "ipc", ".csv": "csv"}
+READ_BATCH_ROWS = 65_536
+
+
+class SourceError(UserError):
+    """An input path cannot be found or read (user mistake)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceFile:
+    url: str
+    fmt: str
+    size_bytes: int
+
+
+def _format_of(path: str) -> str | None:
+    lower = path.lower()
+    for ext, fmt in FORMATS.items():
+        if lower.endswith(ext):
+            return fmt
+    return None
+
+
+def _unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    return fs.unstrip_protocol(path)
+
+
+def discover(paths: list[str] | tuple[str, ...]) -> tuple[SourceFile, ...]:
+    """Expand PATH arguments into data files, in the order SPEC §3 defines as 'earlier'."""
+    found: list[SourceFile] = []
+    for arg in paths:
+        try:
+            fs, _, stripped = fsspec.get_fs_token_paths(arg)
+        except (ValueError, ImportError) as exc:
+            raise SourceError(f"cannot open {arg}: {exc}") from None
+        candidates: list[str] = []
+        for p in stripped or []:
+            if fs.isdir(p):
+                candidates += sorted(f for f in fs.find(p) if _format_of(f))
+            elif fs.exists(p):
+                candidates.append(p)
+        if not candidates:
+            raise SourceError(f"no input file matches {arg}")
+        for p in sorted(candidates) if any(c in arg for c in "*?[") else candidates:
+            fmt = _format_of(p)
+            if fmt is None:
+                raise SourceError(
+                    f"{arg}: unknown file type {p.rsplit('/', 1)[-1]} "
+                    f"(expected one of {', '.join(FORMATS)})"
+                )
+            found.append(SourceFile(_unstrip(fs, p), fmt, int(fs.size(p) or 0)))
+    urls = [f.url for f in found]
+    dupes = {u for u in urls if urls.count(u) > 1}
+    if dupes:
+        raise SourceError(f"input file given twice: {sorted(dupes)[0]}")
+    return tuple(found)
+
+
+def _csv_batches(handle, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    # Every column is forced to text, which needs the names from the header first.
+    names = next(csv.reader([handle.readline().decode("utf-8-sig")]), [])
+    handle.seek(0)
+    reader = pacsv.open_csv(
+        handle,
+        read_options=pacsv.ReadOptions(block_size=1 << 22),
+        convert_options=pacsv.ConvertOptions(
+            column_types={n: pa.string() for n in names},
+            strings_can_be_null=True,
+            quoted_strings_can_be_null=True,
+        ),
+    )
+    for batch in reader:
+        yield from (batch.slice(i, batch_rows) for i in range(0, batch.num_rows, batch_rows))
+
+
+def read_batches(src: SourceFile, start_row: int = 0, batch_rows: int = READ_BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+    """Record batches of `src` from row `start_row` on, each at most `batch_rows` long."""
+    assert start_row >= 0 and batch_rows > 0
+    try:
+        with fsspec.open(src.url, "rb") as handle:
+            if src.fmt == "parquet":
+                pf = pq.ParquetFile(handle)
+                # Whole row groups before the resume point are skipped unread.
+                skip, groups = start_row, []
+                for i in range(pf.num_row_groups):
+                    n = pf.metadata.row_group(i).num_rows
+                    if skip >= n:
+                        skip -= n
+                    else:
+                        groups.append(i)
+                batches = pf.iter_batches(batch_size=batch_rows, row_groups=groups) if groups else iter(())
+            elif src.fmt == "ipc":
+                batches = _ipc_batches(handle)
+                skip = start_row
+            else:
+                batches = _csv_batches(handle, batch_rows)
+                skip = start_row
+            for batch in batches:
+                if skip >= batch.num_rows:
+                    skip -= batch.num_rows
+                    continue
+                if skip:
+                    batch, skip = batch.slice(skip), 0
+                for i in range(0, batch.num_rows, batch_rows):
+                    yield batch.slice(i, batch_rows)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise SourceError(f"cannot read {src.url}: {str(exc).splitlines()[0]}") from None
+
+
+def _ipc_batches(handle) -> Iterator[pa.RecordBatch]:
+    try:
+        reader = ipc.open_file(handle)
+        for i in range(reader.num_record_batches):
+            yield reader.get_batch(i)
+    except pa.ArrowInvalid:
+        handle.seek(0)
+        yield from ipc.open_stream(handle)
+
+
+def read_table(url: str) -> pa.Table:
+    """A whole (small) file as one table: reference data."""
+    fmt = _format_of(url)
+    src = SourceFile(url, fmt or "", 0)
+    if fmt is None:
+        raise SourceError(f"unknown file type: {url}")
+    batches = list(read_batches(src))
+    if batches:
+        return pa.Table.from_batches(batches)
+    with fsspec.open(url, "rb") as handle:
+        if fmt == "parquet":
+            return pq.read_schema(handle).empty_table()
+        if fmt == "ipc":
+            return ipc.open_file(handle).schema.empty_table()
+        names = handle.readline().decode("utf-8").strip().split(",")
+        return pa.schema([(n, pa.string()) for n in names if n]).empty_table()

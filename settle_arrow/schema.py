@@ -1,0 +1,327 @@
+"""Arrow schemas of every table settle_arrow reads or writes: the single source of truth.
+
+Data model owned here (table name -> pa.Schema):
+  * INPUT_TRADE: one matched trade per row, both sides on the row (SPEC §1).
+  * REFDATA[name]: the reference tables of SPEC §2 (+ §9 cash_movements).
+  * OUTPUT[name]: the logical output tables of SPEC §6, columns in export order.
+  * KEYS[name]: key columns of each output table; exports sort by them, ascending.
+
+Invariants:
+  * money is decimal128 with scale 2 (fen) in every output; never a float anywhere.
+  * quarantine keeps every original input column as text, so any bad value survives.
+  * storage backends derive their DDL from these schemas; nothing else declares columns.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+PRICE = pa.decimal128(12, 3)
+MONEY = pa.decimal128(18, 2)
+RATE = pa.decimal128(12, 8)
+PER_SHARE = pa.decimal128(18, 6)
+
+MARKETS = ("XSHG", "XSHE")
+RECORD_TYPES = ("N", "X")
+SECURITY_TYPES = ("A_SHARE", "STAR", "FUND", "ETF", "BOND")
+FEE_CODES = ("STAMP_DUTY", "HANDLING", "MANAGEMENT", "TRANSFER")
+# Output column per fee code (SPEC §4 names them this way in obligations_cash).
+FEE_COLUMNS = {
+    "STAMP_DUTY": "stamp_duty",
+    "HANDLING": "handling_fee",
+    "MANAGEMENT": "management_fee",
+    "TRANSFER": "transfer_fee",
+}
+SIDES = ("BUY", "SELL")
+
+QUARANTINE_REASONS = (
+    "SCHEMA",
+    "BAD_QUANTITY",
+    "BAD_PRICE",
+    "UNKNOWN_SECURITY",
+    "UNKNOWN_UNIT",
+    "UNKNOWN_ACCOUNT",
+    "NOT_BUSINESS_DAY",
+    "DUPLICATE_TRADE",
+    "UNKNOWN_REF",
+    "REF_MISMATCH",
+    "ALREADY_CANCELLED",
+)
+
+INPUT_TRADE = pa.schema(
+    [
+        ("trade_id", pa.int64()),
+        ("market", pa.string()),
+        ("trade_date", pa.date32()),
+        ("trade_time", pa.time64("us")),
+        ("security_id", pa.string()),
+        ("price", PRICE),
+        ("quantity", pa.int64()),
+        ("buy_account", pa.string()),
+        ("sell_account", pa.string()),
+        ("buy_unit", pa.string()),
+        ("sell_unit", pa.string()),
+        ("record_type", pa.string()),
+        ("ref_trade_id", pa.int64()),
+    ]
+)
+# ref_trade_id is nullable for N rows; every other input column is required.
+INPUT_REQUIRED = tuple(n for n in INPUT_TRADE.names if n != "ref_trade_id")
+
+REFDATA = {
+    "securities": pa.schema(
+        [
+            ("market", pa.string()),
+            ("security_id", pa.string()),
+            ("name", pa.string()),
+            ("security_type", pa.string()),
+            ("currency", pa.string()),
+            ("board_lot", pa.int64()),
+            ("securities_cycle", pa.int32()),
+            ("cash_cycle", pa.int32()),
+        ]
+    ),
+    "participants": pa.schema(
+        [
+            ("participant_id", pa.string()),
+            ("name", pa.string()),
+            ("reserve_balance", MONEY),
+        ]
+    ),
+    "trading_units": pa.schema([("unit_id", pa.string()), ("participant_id", pa.string())]),
+    "accounts": pa.schema(
+        [
+            ("account_id", pa.string()),
+            ("holder_type", pa.string()),
+            ("participant_id", pa.string()),
+        ]
+    ),
+    "holdings": pa.schema(
+        [
+            ("account_id", pa.string()),
+            ("market", pa.string()),
+            ("security_id", pa.string()),
+            ("quantity", pa.int64()),
+        ]
+    ),
+    "calendar": pa.schema([("market", pa.string()), ("business_date", pa.date32())]),
+    "fees": pa.schema(
+        [
+            ("fee_code", pa.string()),
+            ("market", pa.string()),
+            ("security_type", pa.string()),
+            ("side", pa.string()),
+            ("rate", RATE),
+            ("effective_from", pa.date32()),
+            ("effective_to", pa.date32()),
+        ]
+    ),
+    "corporate_actions": pa.schema(
+        [
+            ("ca_id", pa.string()),
+            ("market", pa.string()),
+            ("security_id", pa.string()),
+            ("ca_type", pa.string()),
+            ("record_date", pa.date32()),
+            ("ex_date", pa.date32()),
+            ("pay_date", pa.date32()),
+            ("cash_per_share", PER_SHARE),
+            ("shares_per_share", PER_SHARE),
+        ]
+    ),
+    "cash_movements": pa.schema(
+        [
+            ("participant_id", pa.string()),
+            ("value_date", pa.date32()),
+            ("amount", MONEY),
+        ]
+    ),
+}
+# Tables a replay cannot run without; the rest are optional (empty when absent).
+REFDATA_REQUIRED = ("securities", "participants", "trading_units", "accounts", "calendar", "fees")
+# Columns that may be null in a reference table; every other column must be filled.
+REFDATA_NULLABLE = {
+    "fees": ("effective_to",),
+    "corporate_actions": ("cash_per_share", "shares_per_share"),
+    "securities": ("name",),
+    "participants": ("name",),
+}
+
+_SIDE_FEES = [
+    (f"{side}_{col}", MONEY) for side in ("buy", "sell") for col in FEE_COLUMNS.values()
+]
+
+OUTPUT = {
+    "trades": pa.schema(
+        [
+            ("market", pa.string()),
+            ("trade_date", pa.date32()),
+            ("trade_id", pa.int64()),
+            ("record_type", pa.string()),
+            ("ref_trade_id", pa.int64()),
+            ("trade_time", pa.time64("us")),
+            ("security_id", pa.string()),
+            ("security_type", pa.string()),
+            ("price", PRICE),
+            ("quantity", pa.int64()),
+            ("buy_account", pa.string()),
+            ("sell_account", pa.string()),
+            ("buy_unit", pa.string()),
+            ("sell_unit", pa.string()),
+            ("buy_participant", pa.string()),
+            ("sell_participant", pa.string()),
+            # Signed as cleared: an X row carries the negated amount and fees of its trade.
+            ("amount", MONEY),
+            *_SIDE_FEES,
+            ("securities_settle_date", pa.date32()),
+            ("cash_settle_date", pa.date32()),
+            ("source", pa.string()),
+            ("source_row", pa.int64()),
+        ]
+    ),
+    "quarantine": pa.schema(
+        [(name, pa.string()) for name in INPUT_TRADE.names]
+        + [
+            ("reason", pa.string()),
+            ("detail", pa.string()),
+            ("source", pa.string()),
+            ("source_row", pa.int64()),
+        ]
+    ),
+    "obligations_securities": pa.schema(
+        [
+            ("market", pa.string()),
+            ("trade_date", pa.date32()),
+            ("securities_settle_date", pa.date32()),
+            ("participant_id", pa.string()),
+            ("security_id", pa.string()),
+            ("net_quantity", pa.int64()),
+            ("buy_quantity", pa.int64()),
+            ("sell_quantity", pa.int64()),
+        ]
+    ),
+    "obligations_cash": pa.schema(
+        [
+            ("market", pa.string()),
+            ("trade_date", pa.date32()),
+            ("cash_settle_date", pa.date32()),
+            ("participant_id", pa.string()),
+            ("currency", pa.string()),
+            ("net_amount", MONEY),
+            ("buy_amount", MONEY),
+            ("sell_amount", MONEY),
+            *[(col, MONEY) for col in FEE_COLUMNS.values()],
+        ]
+    ),
+    "holdings": pa.schema(
+        [
+            ("account_id", pa.string()),
+            ("market", pa.string()),
+            ("security_id", pa.string()),
+            ("quantity", pa.int64()),
+        ]
+    ),
+    "exceptions": pa.schema(
+        [
+            ("code", pa.string()),
+            ("market", pa.string()),
+            ("security_id", pa.string()),
+            ("account_id", pa.string()),
+            ("participant_id", pa.string()),
+            ("trade_date", pa.date32()),
+            ("detail", pa.string()),
+        ]
+    ),
+    "checkpoints": pa.schema(
+        [
+            ("window_id", pa.int64()),
+            ("source", pa.string()),
+            ("offset", pa.int64()),
+            ("rows", pa.int64()),
+            ("committed_at", pa.timestamp("us", tz="UTC")),
+            ("digest", pa.string()),
+        ]
+    ),
+}
+
+KEYS = {
+    "trades": ("market", "trade_date", "trade_id"),
+    "quarantine": ("source", "source_row"),
+    "obligations_securities": (
+        "market",
+        "trade_date",
+        "securities_settle_date",
+        "participant_id",
+        "security_id",
+    ),
+    "obligations_cash": ("market", "trade_date", "cash_settle_date", "participant_id", "currency"),
+    "holdings": ("account_id", "market", "security_id"),
+    "exceptions": ("code", "market", "security_id", "account_id", "trade_date"),
+    "checkpoints": ("window_id",),
+}
+
+# Columns of checkpoints that record when/how a run happened rather than what it computed;
+# SPEC §8 exempts them from the "same tables for any windowing" rule.
+CHECKPOINT_BOOKKEEPING = ("window_id", "source", "offset", "rows", "committed_at", "digest")
+
+
+def empty(schema: pa.Schema) -> pa.Table:
+    """A zero-row table of `schema`: the typed answer for 'nothing here'."""
+    return schema.empty_table()
+
+
+def _with_window(s: pa.Schema) -> pa.Schema:
+    return s.append(pa.field("window_id", pa.int64()))
+
+
+# Physical tables of a TARGET. Output tables that are sums (obligations, holdings) are
+# stored as append-only deltas and read through the views in sql/views.sql; the rest are
+# appended as they are. `window_id` ties every appended row to the window that wrote it.
+STORAGE = {
+    "trades": _with_window(OUTPUT["trades"]),
+    "quarantine": _with_window(OUTPUT["quarantine"]),
+    "exceptions": _with_window(OUTPUT["exceptions"]),
+    "obligations_securities_delta": _with_window(OUTPUT["obligations_securities"]),
+    "obligations_cash_delta": _with_window(OUTPUT["obligations_cash"]),
+    "holdings_delta": _with_window(OUTPUT["holdings"]),
+    "opening_holdings": OUTPUT["holdings"],
+    "checkpoints": OUTPUT["checkpoints"],
+    # Exactly-once bookkeeping: how far each input file has been committed.
+    "sources": pa.schema(
+        [
+            ("source", pa.string()),
+            ("size_bytes", pa.int64()),
+            ("rows_done", pa.int64()),
+            ("window_id", pa.int64()),
+        ]
+    ),
+    "self_checks": pa.schema(
+        [
+            ("checked_at", pa.timestamp("us", tz="UTC")),
+            ("window_id", pa.int64()),
+            ("status", pa.string()),
+            ("detail", pa.string()),
+        ]
+    ),
+    "meta": pa.schema([("key", pa.string()), ("value", pa.string())]),
+}
+# Tables whose rows each window appends (as opposed to bookkeeping the engine rewrites).
+WINDOW_APPENDS = (
+    "trades",
+    "quarantine",
+    "exceptions",
+    "obligations_securities_delta",
+    "obligations_cash_delta",
+    "holdings_delta",
+)
+# Delta table -> (key columns, summed columns), for compaction.
+DELTAS = {
+    "obligations_securities_delta": (KEYS["obligations_securities"], ("net_quantity", "buy_quantity", "sell_quantity")),
+    "obligations_cash_delta": (
+        KEYS["obligations_cash"],
+        ("net_amount", "buy_amount", "sell_amount", *FEE_COLUMNS.values()),
+    ),
+    "holdings_delta": (KEYS["holdings"], ("quantity",)),
+}

@@ -1,0 +1,118 @@
+"""Registration (SPEC §5): holdings move with every accepted trade; negative positions flagged.
+
+Data model:
+  in   frames["cleared"] (sign, quantity, acct ids, sec_idx, trade_date, participants)
+  out  frames["holdings_delta"]: (account_id, market, security_id) -> Σ signed quantity of
+       this window; holdings = opening + Σ deltas (a storage view)
+       frames["exceptions"]: NEGATIVE_HOLDING, once per (account, security, trade_date)
+       effects: EngineState.holdings += deltas; reported exception keys
+
+Invariants: the position of each leg is replayed in input order (buy leg before sell leg
+within a trade), so exceptions do not depend on windowing; per window Σ delta per security
+is 0 (holdings conserved).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+
+import numpy as np
+import polars as pl
+
+from settle_arrow import schema
+from settle_arrow.stages.base import StageContext, Window
+from settle_arrow.state import DAY0, DAY_BITS
+
+_EPOCH = datetime.date(1970, 1, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Register:
+    name: str = "registration"
+
+    def process(self, window: Window, ctx: StageContext) -> Window:
+        ref, state = ctx.refdata, ctx.state
+        c = window.frames["cleared"]
+        n = c.height
+        qty = c["quantity"].to_numpy() * c["sign"].cast(pl.Int64).to_numpy()
+        sec_idx = c["sec_idx"].to_numpy()
+        # Legs interleaved as (trade 0 buy, trade 0 sell, trade 1 buy, ...): input order.
+        acct = np.empty(2 * n, dtype=np.int64)
+        acct[0::2], acct[1::2] = c["buy_acct_idx"].to_numpy(), c["sell_acct_idx"].to_numpy()
+        delta = np.empty(2 * n, dtype=np.int64)
+        delta[0::2], delta[1::2] = qty, -qty
+        secs = np.repeat(sec_idx, 2)
+        keys = state.holding_keys(acct, secs)
+
+        order = np.argsort(keys, kind="stable")  # stable: input order kept within a key
+        k_sorted, d_sorted = keys[order], delta[order]
+        starts = np.flatnonzero(np.r_[True, k_sorted[1:] != k_sorted[:-1]]) if len(k_sorted) else np.empty(0, np.int64)
+        uniq = k_sorted[starts]
+        sums = np.add.reduceat(d_sorted, starts) if len(starts) else np.empty(0, np.int64)
+        before = state.positions(uniq)
+        # Running position after each leg = position before the window + cumulative deltas.
+        csum = np.cumsum(d_sorted)
+        group = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(k_sorted)]))
+        offset = (csum[starts] - d_sorted[starts]) if len(starts) else np.empty(0, np.int64)
+        running = before[group] + csum - offset[group]
+        neg_sorted = (d_sorted < 0) & (running < 0)
+
+        exceptions = self._exceptions(ctx, c, order[neg_sorted], running[neg_sorted])
+        hold = pl.DataFrame(
+            {
+                "acct_idx": uniq // state.n_sec,
+                "sec_idx": (uniq % state.n_sec).astype(np.int32),
+                "quantity": sums,
+            }
+        ).filter(pl.col("quantity") != 0)
+        accounts = ref.account_index.values(hold["acct_idx"].to_numpy())
+        sec_info = ref.securities.select("market", "security_id")[hold["sec_idx"].to_numpy()]
+        holdings_delta = pl.concat(
+            [pl.DataFrame({"account_id": accounts}), sec_info, hold.select("quantity")], how="horizontal"
+        ).select(schema.OUTPUT["holdings"].names)
+
+        new_reported = exceptions["__key"].to_numpy() if exceptions.height else np.empty(0, np.int64)
+
+        def register() -> None:
+            state.apply_holdings(uniq, sums)
+            state.reported.insert(new_reported)
+
+        return window.add(
+            effects=(register,),
+            holdings_delta=holdings_delta,
+            exceptions=exceptions.drop("__key").select(schema.OUTPUT["exceptions"].names),
+        )
+
+    @staticmethod
+    def _exceptions(ctx: StageContext, c: pl.DataFrame, legs: np.ndarray, running: np.ndarray) -> pl.DataFrame:
+        """NEGATIVE_HOLDING rows for negative legs, first per key in input order, not reported before."""
+        state, ref = ctx.state, ctx.refdata
+        row, is_sell = legs // 2, (legs % 2) == 1
+        order = np.argsort(legs, kind="stable")
+        row, is_sell, running = row[order], is_sell[order], running[order]
+        legs_df = c[row].select(
+            "market", "security_id", "trade_date", "trade_id", "record_type", "sec_idx",
+            "buy_acct_idx", "sell_acct_idx", "buy_participant", "sell_participant",
+        ).with_columns(pl.Series("is_sell", is_sell), pl.Series("running", running))
+        legs_df = legs_df.with_columns(
+            pl.when("is_sell").then("sell_acct_idx").otherwise("buy_acct_idx").alias("acct_idx"),
+            pl.when("is_sell").then("sell_participant").otherwise("buy_participant").alias("participant_id"),
+        )
+        hkey = state.holding_keys(legs_df["acct_idx"].to_numpy(), legs_df["sec_idx"].to_numpy())
+        day = legs_df["trade_date"].cast(pl.Int32).to_numpy().astype(np.int64) - DAY0
+        assert ((day >= 0) & (day < (1 << DAY_BITS))).all()
+        key = (hkey << DAY_BITS) | day
+        fresh = ~state.reported.contains(key) & pl.Series(key).is_first_distinct().to_numpy()
+        out = legs_df.with_columns(pl.Series("__key", key)).filter(pl.Series(fresh))
+        what = pl.when(pl.col("record_type") == "X").then(pl.lit("cancellation")).otherwise(pl.lit("sale"))
+        return out.select(
+            pl.lit("NEGATIVE_HOLDING").alias("code"),
+            "market",
+            "security_id",
+            ref.account_index.values(out["acct_idx"].to_numpy()).alias("account_id"),
+            "participant_id",
+            "trade_date",
+            pl.format("position {} after {} of trade {}", "running", what, "trade_id").alias("detail"),
+            "__key",
+        )

@@ -1,0 +1,250 @@
+"""Validation (SPEC §3): every input row ends in `accepted` or `quarantine`, never both.
+
+Data model:
+  in   frames["input"]: raw rows in input order, any column types, plus `source`, `source_row`
+  out  frames["quarantine"]: original values as text + reason, detail, source, source_row
+       frames["accepted"]: typed rows with dense ids (sec_idx, acct/unit ids), `sign` (+1 N,
+       -1 X), `seq` (row position in the window) and `key` (packed trade key)
+       effects: keys seen, N trades accepted, trades cancelled -> EngineState
+
+Invariants: checks run in SPEC order and the first failing one names the reason;
+rows(input) = rows(accepted) + rows(quarantine); a row's outcome depends only on rows
+earlier in input order, so any windowing gives the same outcome.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import polars as pl
+
+from settle_arrow import schema
+from settle_arrow.io.parse import coerce
+from settle_arrow.stages.base import StageContext, Window
+from settle_arrow.state import ACCEPTED_PAYLOAD, ODD_KEY_SCHEMA, TRADE_ID_BITS, trade_keys
+
+# Largest trade value the engine accepts, in milli-CNY (10^13 CNY): keeps amount x fee
+# rate products inside int64 (see stages/clearing.py) with a wide margin over any real trade.
+AMOUNT_MILLI_MAX = 10**16
+_MATCH_FIELDS = tuple(ACCEPTED_PAYLOAD)
+
+
+def _schema_detail(typed: pl.DataFrame) -> pl.Expr:
+    """First offending column, as text, for SCHEMA rows."""
+    parts = []
+    for name in schema.INPUT_TRADE.names:
+        parts.append(pl.when(pl.col(f"{name}__bad")).then(pl.lit(f"{name} does not parse")))
+        if name in schema.INPUT_REQUIRED:
+            parts.append(pl.when(pl.col(name).is_null()).then(pl.lit(f"{name} is missing")))
+    parts += [
+        pl.when(~pl.col("record_type").is_in(schema.RECORD_TYPES)).then(pl.lit("record_type must be N or X")),
+        pl.when((pl.col("record_type") == "X") & pl.col("ref_trade_id").is_null()).then(
+            pl.lit("ref_trade_id is missing for X")
+        ),
+        pl.when((pl.col("record_type") == "N") & pl.col("ref_trade_id").is_not_null()).then(
+            pl.lit("ref_trade_id must be empty for N")
+        ),
+        pl.when(~pl.col("trade_id").is_between(0, (1 << TRADE_ID_BITS) - 1)).then(
+            pl.lit("trade_id out of range")
+        ),
+        pl.when(~pl.col("ref_trade_id").is_between(0, (1 << TRADE_ID_BITS) - 1)).then(
+            pl.lit("ref_trade_id out of range")
+        ),
+    ]
+    return pl.coalesce(parts)
+
+
+def _business_day(ctx: StageContext, market: pl.Series, day: pl.Series) -> np.ndarray:
+    out = np.zeros(len(market), dtype=bool)
+    days = day.cast(pl.Int32).fill_null(-1).to_numpy()
+    markets = market.to_numpy()
+    for m in market.drop_nulls().unique().to_list():
+        cal = ctx.refdata.business_days(m)
+        sel = markets == m
+        if len(cal):
+            pos = np.minimum(np.searchsorted(cal, days[sel]), len(cal) - 1)
+            out[sel] = cal[pos] == days[sel]
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Validate:
+    name: str = "validate"
+
+    def process(self, window: Window, ctx: StageContext) -> Window:
+        raw = window.frames["input"]
+        ref, state = ctx.refdata, ctx.state
+        present = [c for c in schema.INPUT_TRADE.names if c in raw.columns]
+        typed = coerce(raw.select(present), schema.INPUT_TRADE).with_columns(
+            pl.int_range(pl.len(), dtype=pl.Int64).alias("seq"),
+            (pl.col("price") * 1000).cast(pl.Int64).alias("price_milli"),
+        )
+        detail = typed.select(_schema_detail(typed).alias("d"))["d"]
+
+        sec = typed.select("market", "security_id").join(
+            ref.securities.select("market", "security_id", "sec_idx"),
+            on=["market", "security_id"],
+            how="left",
+            maintain_order="left",
+        )["sec_idx"]
+        ids = {
+            "buy_unit_idx": ref.unit_index.lookup(typed["buy_unit"]),
+            "sell_unit_idx": ref.unit_index.lookup(typed["sell_unit"]),
+            "buy_acct_idx": ref.account_index.lookup(typed["buy_account"]),
+            "sell_acct_idx": ref.account_index.lookup(typed["sell_account"]),
+        }
+        business = _business_day(ctx, typed["market"], typed["trade_date"])
+
+        key_ok = ~(typed["market__bad"] | typed["trade_date__bad"] | typed["trade_id__bad"]).to_numpy() & (
+            typed.select(pl.all_horizontal(pl.col("market", "trade_date", "trade_id").is_not_null()))
+            .to_series()
+            .to_numpy()
+        )
+        keys, packable = trade_keys(typed["market"], typed["trade_date"], typed["trade_id"])
+        packable &= key_ok
+        odd = key_ok & ~packable
+        odd_keys = typed.filter(pl.Series(odd)).select(list(ODD_KEY_SCHEMA))
+        seen_before = np.zeros(len(typed), dtype=bool)
+        seen_before[packable] = state.seen.contains(keys[packable])
+        if odd.any() and state.odd_seen.height:
+            seen_before[odd] = (
+                odd_keys.join(state.odd_seen.with_columns(pl.lit(True).alias("hit")), on=list(ODD_KEY_SCHEMA), how="left", maintain_order="left")["hit"]
+                .fill_null(False)
+                .to_numpy()
+            )
+        first = (
+            typed.select(pl.struct("market", "trade_date", "trade_id").is_first_distinct()).to_series().to_numpy()
+        )
+        duplicate = key_ok & (seen_before | ~first)
+
+        flags = pl.DataFrame(
+            {
+                "sec_idx": sec,
+                **{k: pl.Series(k, v) for k, v in ids.items()},
+                "business": business,
+                "duplicate": duplicate,
+                "key": keys,
+                "detail0": detail,
+            }
+        )
+        t = pl.concat([typed, flags], how="horizontal")
+        # Amount limit: quantity * price must stay inside AMOUNT_MILLI_MAX (int64-safe).
+        qty_cap = pl.when(pl.col("price_milli") > 0).then(AMOUNT_MILLI_MAX // pl.col("price_milli"))
+        reason = (
+            pl.when(pl.col("detail0").is_not_null())
+            .then(pl.lit("SCHEMA"))
+            .when((pl.col("quantity") <= 0) | (pl.col("quantity") > qty_cap.fill_null(AMOUNT_MILLI_MAX)))
+            .then(pl.lit("BAD_QUANTITY"))
+            .when(pl.col("price_milli") <= 0)
+            .then(pl.lit("BAD_PRICE"))
+            .when(pl.col("sec_idx").is_null())
+            .then(pl.lit("UNKNOWN_SECURITY"))
+            .when((pl.col("buy_unit_idx") < 0) | (pl.col("sell_unit_idx") < 0))
+            .then(pl.lit("UNKNOWN_UNIT"))
+            .when((pl.col("buy_acct_idx") < 0) | (pl.col("sell_acct_idx") < 0))
+            .then(pl.lit("UNKNOWN_ACCOUNT"))
+            .when(~pl.col("business"))
+            .then(pl.lit("NOT_BUSINESS_DAY"))
+            .when(pl.col("duplicate"))
+            .then(pl.lit("DUPLICATE_TRADE"))
+        )
+        t = t.with_columns(reason.alias("reason"))
+        t = _reference_checks(t, ctx)
+
+        is_q = pl.col("reason").is_not_null()
+        quarantine = _quarantine_rows(raw, t.select("reason", "detail", "seq").filter(is_q))
+        accepted = (
+            t.filter(~is_q)
+            .with_columns(
+                pl.when(pl.col("record_type") == "N").then(1).otherwise(-1).cast(pl.Int8).alias("sign"),
+                pl.col("sec_idx").cast(pl.Int32),
+                raw["source"].gather(t.filter(~is_q)["seq"]).alias("source"),
+                raw["source_row"].gather(t.filter(~is_q)["seq"]).alias("source_row"),
+            )
+            .drop([c for c in t.columns if c.endswith("__bad")] + ["business", "duplicate", "detail0", "reason", "detail"])
+        )
+        assert accepted.height + quarantine.height == raw.height, "validation lost rows"
+
+        new_keys = keys[packable & first & ~seen_before]
+        new_odd = odd_keys.filter(pl.Series(first[odd] & ~seen_before[odd]))
+        acc_n = accepted.filter(pl.col("sign") == 1)
+        acc_x = accepted.filter(pl.col("sign") == -1)
+        n_payload = {c: acc_n[c].to_numpy() for c in ACCEPTED_PAYLOAD}
+        n_keys = acc_n["key"].to_numpy()
+        x_refs = acc_x["ref_key"].to_numpy()
+
+        def remember() -> None:
+            state.seen.insert(new_keys)
+            if new_odd.height:
+                state.odd_seen = pl.concat([state.odd_seen, new_odd])
+            state.accepted.insert(n_keys, n_payload)
+            state.cancelled.insert(x_refs)
+
+        return window.add(effects=(remember,), quarantine=quarantine, accepted=accepted)
+
+
+def _reference_checks(t: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
+    """UNKNOWN_REF, REF_MISMATCH and ALREADY_CANCELLED for X rows that passed the rest."""
+    state = ctx.state
+    ref_keys, _ = trade_keys(t["market"], t["trade_date"], t["ref_trade_id"])
+    t = t.with_columns(pl.Series("ref_key", ref_keys), pl.lit(None, dtype=pl.String).alias("detail"))
+    is_x = (pl.col("record_type") == "X") & pl.col("reason").is_null()
+    xs = t.filter(is_x)
+    if not xs.height:
+        return t.with_columns(pl.coalesce("detail0", "detail").alias("detail"))
+
+    # Candidate 1: an N row accepted earlier in this window.
+    window_n = t.filter((pl.col("record_type") == "N") & pl.col("reason").is_null()).select(
+        pl.col("key").alias("ref_key"), pl.col("seq").alias("n_seq"), *[pl.col(c).alias(f"n_{c}") for c in _MATCH_FIELDS]
+    )
+    xs = xs.join(window_n, on="ref_key", how="left", maintain_order="left")
+    in_window = (xs["n_seq"] < xs["seq"]).fill_null(False).to_numpy()
+    # Candidate 2: an N trade accepted in an earlier window.
+    run_of, pos_of = state.accepted.find(xs["ref_key"].to_numpy())
+    in_state = run_of >= 0
+    found = in_window | in_state
+    mismatch = np.zeros(xs.height, dtype=bool)
+    for c in _MATCH_FIELDS:
+        mine = xs[c].cast(pl.Int64).to_numpy()
+        theirs = np.where(in_window, xs[f"n_{c}"].fill_null(-1).cast(pl.Int64).to_numpy(),
+                          state.accepted.gather(c, run_of, pos_of, fill=-1).astype(np.int64))
+        mismatch |= found & (mine != theirs)
+    cancelled = state.cancelled.contains(xs["ref_key"].to_numpy())
+    ok_so_far = found & ~mismatch
+    # Only an X that passed every other check cancels; a later one for the same trade is late.
+    first_ok = (
+        pl.DataFrame({"k": xs["ref_key"], "ok": ok_so_far})
+        .select(pl.when(pl.col("ok")).then(pl.col("k")).is_first_distinct() & pl.col("ok"))
+        .to_series()
+        .to_numpy()
+    )
+    x_reason = np.select(
+        [~found, mismatch, ok_so_far & (cancelled | ~first_ok)],
+        ["UNKNOWN_REF", "REF_MISMATCH", "ALREADY_CANCELLED"],
+        default="",
+    )
+    x_detail = np.select(
+        [~found, mismatch], ["ref_trade_id is not an accepted N trade earlier in input", "fields differ from the trade it names"],
+        default="",
+    )
+    upd = pl.DataFrame({"seq": xs["seq"], "x_reason": x_reason, "x_detail": x_detail}).with_columns(
+        pl.col("x_reason", "x_detail").replace("", None)
+    )
+    t = t.join(upd, on="seq", how="left", maintain_order="left")
+    return t.with_columns(
+        pl.coalesce("reason", "x_reason").alias("reason"),
+        pl.coalesce("detail0", "x_detail").alias("detail"),
+    ).drop("x_reason", "x_detail")
+
+
+def _quarantine_rows(raw: pl.DataFrame, bad: pl.DataFrame) -> pl.DataFrame:
+    """Original values as text + reason, in the quarantine output schema."""
+    rows = raw.with_row_index("seq").join(bad.with_columns(pl.col("seq").cast(pl.UInt32)), on="seq", how="inner", maintain_order="left")
+    cols = []
+    for name in schema.INPUT_TRADE.names:
+        if name in rows.columns:
+            cols.append(pl.col(name).cast(pl.String).alias(name))
+        else:
+            cols.append(pl.lit(None, dtype=pl.String).alias(name))
+    return rows.select(*cols, "reason", "detail", "source", "source_row")

@@ -1,0 +1,170 @@
+"""Keyed in-memory state kept between windows: sorted runs of integer keys (a small LSM).
+
+Data model:
+  SortedRuns   key (int64/uint64) -> optional payload columns (numpy arrays), keys unique
+               across runs; each run sorted; run sizes shrink geometrically so a lookup
+               costs O(log n) searchsorted calls and an insert is amortised O(log n).
+  EngineState  everything a window needs to know about the past:
+                 seen       trade keys (market, trade_date, trade_id) of every parsed row
+                 odd_seen   the same for keys that do not pack into 64 bits (rare, exact)
+                 accepted   key of each accepted N trade -> its matching fields
+                 cancelled  keys of N trades an accepted X row already reversed
+                 holdings   (acct_idx * n_sec + sec_idx) -> quantity
+                 reported   NEGATIVE_HOLDING keys already raised
+
+Invariants: state changes only through `apply_*` after the window's transaction commits,
+so a failed window leaves state exactly as the database has it; state is always
+rebuildable from the database (see engine.recover).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+
+import numpy as np
+import polars as pl
+
+DAY0 = (datetime.date(1990, 1, 1) - datetime.date(1970, 1, 1)).days
+TRADE_ID_BITS = 46
+DAY_BITS = 16
+MARKET_CODES = {"XSHG": 0, "XSHE": 1}
+
+
+def trade_keys(market: pl.Series, trade_date: pl.Series, trade_id: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Pack (market, trade_date, trade_id) into uint64: (keys, packable mask).
+
+    Layout: 2 bits market | 16 bits days since 1990-01-01 | 46 bits trade_id. A key outside
+    those ranges (unknown market, far-off date, huge id) is not packable and is kept exactly
+    in EngineState.odd_seen instead; the mask says which rows those are.
+    """
+    code = market.replace_strict(MARKET_CODES, default=-1, return_dtype=pl.Int64).to_numpy()
+    day = trade_date.cast(pl.Int32).fill_null(-1).to_numpy().astype(np.int64) - DAY0
+    tid = trade_id.fill_null(-1).to_numpy().astype(np.int64)
+    ok = (
+        (code >= 0)
+        & (day >= 0)
+        & (day < (1 << DAY_BITS))
+        & (tid >= 0)
+        & (tid < (1 << TRADE_ID_BITS))
+        & market.is_not_null().to_numpy()
+        & trade_date.is_not_null().to_numpy()
+    )
+    code, day, tid = (np.where(ok, a, 0).astype(np.uint64) for a in (code, day, tid))
+    keys = (code << np.uint64(62)) | (day << np.uint64(TRADE_ID_BITS)) | tid
+    return keys, ok
+
+
+class SortedRuns:
+    """Unique sorted keys with payload columns, as a few sorted runs (see module doc)."""
+
+    def __init__(self, dtype: type = np.uint64, payload: dict[str, type] | None = None):
+        self.dtype = dtype
+        self.payload_types = dict(payload or {})
+        self.runs: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
+
+    def __len__(self) -> int:
+        return sum(len(k) for k, _ in self.runs)
+
+    def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(run index or -1, position in run) for each key."""
+        keys = np.asarray(keys, dtype=self.dtype)
+        run_of = np.full(len(keys), -1, dtype=np.int64)
+        pos_of = np.zeros(len(keys), dtype=np.int64)
+        if not len(keys):
+            return run_of, pos_of
+        # Sorted probes walk the run in cache order (PERF_NOTES: ~5x faster than random).
+        order = np.argsort(keys, kind="stable")
+        probe = keys[order]
+        for r, (run_keys, _) in enumerate(self.runs):
+            if not len(run_keys):
+                continue
+            pos = np.minimum(np.searchsorted(run_keys, probe), len(run_keys) - 1)
+            hit = run_keys[pos] == probe
+            run_of[order[hit]] = r
+            pos_of[order[hit]] = pos[hit]
+        return run_of, pos_of
+
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        return self.find(keys)[0] >= 0
+
+    def gather(self, column: str, run_of: np.ndarray, pos_of: np.ndarray, fill=0) -> np.ndarray:
+        """Payload `column` at found positions; `fill` where not found."""
+        out = np.full(len(run_of), fill, dtype=self.payload_types[column])
+        for r, (_, cols) in enumerate(self.runs):
+            sel = run_of == r
+            if sel.any():
+                out[sel] = cols[column][pos_of[sel]]
+        return out
+
+    def add_at(self, column: str, run_of: np.ndarray, pos_of: np.ndarray, delta: np.ndarray) -> None:
+        """payload[column] += delta at found positions (keys unique, so no collisions)."""
+        for r, (_, cols) in enumerate(self.runs):
+            sel = run_of == r
+            if sel.any():
+                cols[column][pos_of[sel]] += delta[sel]
+
+    def insert(self, keys: np.ndarray, payload: dict[str, np.ndarray] | None = None) -> None:
+        """Add keys that are not present yet (caller guarantees uniqueness)."""
+        keys = np.asarray(keys, dtype=self.dtype)
+        if not len(keys):
+            return
+        payload = payload or {}
+        assert set(payload) == set(self.payload_types), "payload columns must match"
+        order = np.argsort(keys, kind="stable")
+        run = (keys[order], {c: np.asarray(v, dtype=self.payload_types[c])[order] for c, v in payload.items()})
+        assert len(run[0]) < 2 or bool((np.diff(run[0]) > 0).all()), "keys must be unique"
+        self.runs.append(run)
+        while len(self.runs) >= 2 and len(self.runs[-2][0]) <= 2 * len(self.runs[-1][0]):
+            (k2, c2), (k1, c1) = self.runs.pop(), self.runs.pop()
+            merged = np.concatenate([k1, k2])
+            # Two sorted runs: timsort ('stable') merges them in linear time.
+            order = np.argsort(merged, kind="stable")
+            self.runs.append((merged[order], {c: np.concatenate([c1[c], c2[c]])[order] for c in c1}))
+
+    def items(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """All keys (sorted) and payloads, merged."""
+        if not self.runs:
+            return np.empty(0, dtype=self.dtype), {c: np.empty(0, dtype=t) for c, t in self.payload_types.items()}
+        keys = np.concatenate([k for k, _ in self.runs])
+        order = np.argsort(keys, kind="stable")
+        cols = {c: np.concatenate([cols[c] for _, cols in self.runs])[order] for c in self.payload_types}
+        return keys[order], cols
+
+
+ACCEPTED_PAYLOAD = {
+    "sec_idx": np.int32,
+    "price_milli": np.int64,
+    "quantity": np.int64,
+    "buy_acct_idx": np.int64,
+    "sell_acct_idx": np.int64,
+    "buy_unit_idx": np.int64,
+    "sell_unit_idx": np.int64,
+}
+
+ODD_KEY_SCHEMA = {"market": pl.String, "trade_date": pl.Date, "trade_id": pl.Int64}
+
+
+@dataclasses.dataclass
+class EngineState:
+    n_sec: int
+    seen: SortedRuns = dataclasses.field(default_factory=SortedRuns)
+    odd_seen: pl.DataFrame = dataclasses.field(default_factory=lambda: pl.DataFrame(schema=ODD_KEY_SCHEMA))
+    accepted: SortedRuns = dataclasses.field(default_factory=lambda: SortedRuns(np.uint64, ACCEPTED_PAYLOAD))
+    cancelled: SortedRuns = dataclasses.field(default_factory=SortedRuns)
+    holdings: SortedRuns = dataclasses.field(default_factory=lambda: SortedRuns(np.int64, {"quantity": np.int64}))
+    reported: SortedRuns = dataclasses.field(default_factory=lambda: SortedRuns(np.int64))
+
+    def holding_keys(self, acct_idx: np.ndarray, sec_idx: np.ndarray) -> np.ndarray:
+        return acct_idx.astype(np.int64) * self.n_sec + sec_idx.astype(np.int64)
+
+    def positions(self, keys: np.ndarray) -> np.ndarray:
+        run_of, pos_of = self.holdings.find(keys)
+        return self.holdings.gather("quantity", run_of, pos_of)
+
+    def apply_holdings(self, keys: np.ndarray, delta: np.ndarray) -> None:
+        """Add per-key deltas (keys unique) to holdings, creating new keys as needed."""
+        run_of, pos_of = self.holdings.find(keys)
+        found = run_of >= 0
+        self.holdings.add_at("quantity", run_of, pos_of, delta)
+        self.holdings.insert(keys[~found], {"quantity": delta[~found]})

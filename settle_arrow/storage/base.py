@@ -1,0 +1,254 @@
+"""The storage adapter: one interface, backends as small plugins (DuckDB now, PostgreSQL next).
+
+Data model: a TARGET holds the physical tables of schema.STORAGE plus the views of
+sql/views.sql; `meta` maps key -> value (schema_version, opening_digest).
+
+A backend implements five primitives (`_execute`, `_query`, `_append`, transactions,
+`close`) and a type map; everything else (DDL from schema.py, the window commit, exports,
+compaction, verification) is written once here, so both backends behave identically.
+
+Invariants: `commit_window` writes a window's appends, its checkpoint row and source
+offsets in one transaction, or nothing; readers see only committed windows.
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import pyarrow as pa
+
+from settle_arrow import schema
+from settle_arrow.errors import UserError
+
+# sql/ sits at the repository top (the design card's layout); wheels carry it inside the
+# package (pyproject force-include), source checkouts and editable installs read it in place.
+_PKG = Path(__file__).resolve().parents[1]
+SQL_DIR = _PKG / "sql" if (_PKG / "sql").is_dir() else _PKG.parent / "sql"
+
+
+class TargetError(UserError):
+    """A TARGET cannot be opened or does not hold a settle_arrow database (user mistake)."""
+
+
+def sql_text(name: str) -> str:
+    return (SQL_DIR / name).read_text(encoding="utf-8")
+
+
+def statements(name: str) -> list[str]:
+    """The SQL statements of a .sql file, comment lines removed."""
+    text = "\n".join(line for line in sql_text(name).splitlines() if not line.lstrip().startswith("--"))
+    return [stmt.strip() for stmt in text.split(";") if stmt.strip()]
+
+
+def named_queries(name: str) -> dict[str, str]:
+    """`-- name: X` sections of a .sql file."""
+    parts = re.split(r"^-- name: (\w+)\s*$", sql_text(name), flags=re.M)
+    return {parts[i]: parts[i + 1].strip().rstrip(";") for i in range(1, len(parts), 2)}
+
+
+def sql_type(t: pa.DataType) -> str:
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "VARCHAR"
+    if pa.types.is_int64(t):
+        return "BIGINT"
+    if pa.types.is_int32(t):
+        return "INTEGER"
+    if pa.types.is_int16(t) or pa.types.is_int8(t):
+        return "SMALLINT"
+    if pa.types.is_boolean(t):
+        return "BOOLEAN"
+    if pa.types.is_date32(t):
+        return "DATE"
+    if pa.types.is_time64(t):
+        return "TIME"
+    if pa.types.is_timestamp(t):
+        return "TIMESTAMPTZ" if t.tz else "TIMESTAMP"
+    if pa.types.is_decimal(t):
+        return f"DECIMAL({t.precision},{t.scale})"
+    raise AssertionError(f"no SQL type for {t}")
+
+
+def conform(table: pa.Table, target: pa.Schema) -> pa.Table:
+    """Cast `table` to exactly `target` (column order, types); refuses lossy casts."""
+    missing = [n for n in target.names if n not in table.column_names]
+    assert not missing, f"columns missing before write: {missing}"
+    return table.select(target.names).cast(target, safe=True)
+
+
+class Storage(abc.ABC):
+    url: str
+
+    # --- backend primitives -------------------------------------------------------
+    @abc.abstractmethod
+    def _execute(self, sql: str, params: tuple = ()) -> None: ...
+
+    @abc.abstractmethod
+    def _query(self, sql: str, params: tuple = ()) -> pa.Table: ...
+
+    @abc.abstractmethod
+    def _append(self, table: str, data: pa.Table) -> None: ...
+
+    @abc.abstractmethod
+    def _begin(self) -> None: ...
+
+    @abc.abstractmethod
+    def _commit(self) -> None: ...
+
+    @abc.abstractmethod
+    def _rollback(self) -> None: ...
+
+    @abc.abstractmethod
+    def _table_names(self) -> set[str]: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    # --- schema -------------------------------------------------------------------
+    def is_initialised(self) -> bool:
+        return "meta" in self._table_names()
+
+    def ensure_schema(self) -> None:
+        """Create missing tables and views; refuse a database of another schema version."""
+        existing = self._table_names()
+        if "meta" in existing:
+            version = self.meta().get("schema_version")
+            if version != str(schema.SCHEMA_VERSION):
+                raise TargetError(
+                    f"{self.url} was written by schema version {version}; this settle_arrow "
+                    f"uses {schema.SCHEMA_VERSION}"
+                )
+            return
+        self._begin()
+        try:
+            for name, s in schema.STORAGE.items():
+                cols = ", ".join(f'"{f.name}" {sql_type(f.type)}' for f in s)
+                self._execute(f"CREATE TABLE IF NOT EXISTS {name} ({cols})")
+            for stmt in statements("views.sql"):
+                self._execute(stmt)
+            self._append("meta", pa.table({"key": ["schema_version"], "value": [str(schema.SCHEMA_VERSION)]}))
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+
+    def require_initialised(self) -> None:
+        if not self.is_initialised():
+            raise TargetError(f"{self.url} holds no settle_arrow data (run replay first)")
+        self.ensure_schema()
+
+    # --- reads --------------------------------------------------------------------
+    def meta(self) -> dict[str, str]:
+        t = self._query("SELECT key, value FROM meta")
+        return dict(zip(t["key"].to_pylist(), t["value"].to_pylist()))
+
+    def query(self, sql: str, params: tuple = ()) -> pa.Table:
+        return self._query(sql, params)
+
+    def table(self, name: str) -> pa.Table:
+        """Logical table `name` (SPEC §6) in its output schema, sorted by its key."""
+        if name not in schema.OUTPUT:
+            raise TargetError(f"unknown table {name!r} (one of {', '.join(schema.OUTPUT)})")
+        target = schema.OUTPUT[name]
+        cols = ", ".join(f'"{c}"' for c in target.names)
+        order = ", ".join(f'"{c}"' for c in schema.KEYS[name])
+        return conform(self._query(f"SELECT {cols} FROM {name} ORDER BY {order}"), target)
+
+    def count(self, name: str) -> int:
+        return int(self._query(f"SELECT COUNT(*) AS n FROM {name}")["n"][0].as_py())
+
+    def max_window_id(self) -> int:
+        v = self._query("SELECT MAX(window_id) AS w FROM checkpoints")["w"][0].as_py()
+        return int(v or 0)
+
+    def source_progress(self) -> dict[str, tuple[int, int]]:
+        """source url -> (size_bytes, rows_done)."""
+        t = self._query("SELECT source, size_bytes, rows_done FROM sources")
+        return {s: (z, r) for s, z, r in zip(*(t[c].to_pylist() for c in ("source", "size_bytes", "rows_done")))}
+
+    # --- writes -------------------------------------------------------------------
+    def commit_window(
+        self,
+        window_id: int,
+        appends: Mapping[str, pa.Table],
+        checkpoint: Mapping[str, object],
+        sources: Iterable[tuple[str, int, int]],
+        meta: Mapping[str, str] | None = None,
+        extra: Mapping[str, pa.Table] | None = None,
+    ) -> None:
+        """One transaction: appends (+window_id), checkpoint row, source offsets, meta."""
+        self._begin()
+        try:
+            for name, data in appends.items():
+                assert name in schema.WINDOW_APPENDS, name
+                if data.num_rows:
+                    data = data.append_column("window_id", pa.array([window_id] * data.num_rows, pa.int64()))
+                    self._append(name, conform(data, schema.STORAGE[name]))
+            for name, data in (extra or {}).items():
+                if data.num_rows:
+                    self._append(name, conform(data, schema.STORAGE[name]))
+            for src, size, rows_done in sources:
+                self._execute("DELETE FROM sources WHERE source = ?", (src,))
+                self._append(
+                    "sources",
+                    pa.table(
+                        {"source": [src], "size_bytes": [size], "rows_done": [rows_done], "window_id": [window_id]},
+                        schema=schema.STORAGE["sources"],
+                    ),
+                )
+            for k, v in (meta or {}).items():
+                self._execute("DELETE FROM meta WHERE key = ?", (k,))
+                self._append("meta", pa.table({"key": [k], "value": [v]}))
+            cp = dict(checkpoint, window_id=window_id, committed_at=datetime.datetime.now(datetime.timezone.utc))
+            self._append("checkpoints", pa.Table.from_pylist([cp], schema=schema.STORAGE["checkpoints"]))
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+
+    def compact(self, name: str) -> int:
+        """Fold a delta table into one row per key (same view contents); returns rows left."""
+        keys, sums = schema.DELTAS[name]
+        target = schema.STORAGE[name]
+        k = ", ".join(f'"{c}"' for c in keys)
+        s = ", ".join(f'CAST(SUM("{c}") AS {sql_type(target.field(c).type)}) AS "{c}"' for c in sums)
+        nonzero = " OR ".join(f'SUM("{c}") <> 0' for c in sums)
+        self._begin()
+        try:
+            folded = self._query(
+                f"SELECT {k}, {s}, MAX(window_id) AS window_id FROM {name} GROUP BY {k} HAVING {nonzero}"
+            )
+            self._execute(f"DELETE FROM {name}")
+            self._append(name, conform(folded, target))
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+        return folded.num_rows
+
+    def record_self_check(self, window_id: int, problems: list[str]) -> None:
+        row = {
+            "checked_at": datetime.datetime.now(datetime.timezone.utc),
+            "window_id": window_id,
+            "status": "FAILED" if problems else "OK",
+            "detail": "; ".join(problems)[:4000],
+        }
+        self._begin()
+        try:
+            self._append("self_checks", pa.Table.from_pylist([row], schema=schema.STORAGE["self_checks"]))
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+
+    def verify(self) -> list[str]:
+        """Whole-table invariants (sql/verify.sql): one message per broken invariant."""
+        problems = []
+        for name, q in named_queries("verify.sql").items():
+            bad = self._query(q)
+            if bad.num_rows:
+                problems.append(f"{name}: {bad.slice(0, 3).to_pylist()}")
+        return problems

@@ -1,0 +1,65 @@
+"""Embedded DuckDB backend: a TARGET that is a file path (or `duckdb://path`).
+
+Data model: one DuckDB file holding the tables of schema.STORAGE and the views of
+sql/views.sql. DuckDB admits one writing process; readers open the file read-only and
+see committed windows only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from settle_arrow.storage.base import Storage, TargetError
+
+
+class DuckDBStorage(Storage):
+    def __init__(self, path: str, read_only: bool = False):
+        self.url = path
+        p = Path(path)
+        if read_only and not p.exists():
+            raise TargetError(f"{path} does not exist")
+        if not read_only and not p.parent.exists():
+            raise TargetError(f"directory of {path} does not exist")
+        try:
+            self.con = duckdb.connect(str(p), read_only=read_only)
+        except duckdb.IOException as exc:
+            msg = str(exc).splitlines()[0]
+            if "lock" in msg.lower():
+                raise TargetError(f"{path} is in use by another process (a replay writing it?)") from None
+            raise TargetError(f"cannot open {path} as a DuckDB database: {msg}") from None
+        except duckdb.Error as exc:
+            raise TargetError(f"cannot open {path} as a DuckDB database: {str(exc).splitlines()[0]}") from None
+
+    def _execute(self, sql: str, params: tuple = ()) -> None:
+        self.con.execute(sql, list(params))
+
+    def _query(self, sql: str, params: tuple = ()) -> pa.Table:
+        return self.con.sql(sql, params=list(params) or None).to_arrow_table()
+
+    def _append(self, table: str, data: pa.Table) -> None:
+        self.con.register("__settle_append", data)
+        try:
+            self.con.execute(f"INSERT INTO {table} SELECT * FROM __settle_append")
+        finally:
+            self.con.unregister("__settle_append")
+
+    def _begin(self) -> None:
+        self.con.execute("BEGIN TRANSACTION")
+
+    def _commit(self) -> None:
+        self.con.execute("COMMIT")
+
+    def _rollback(self) -> None:
+        try:
+            self.con.execute("ROLLBACK")
+        except duckdb.Error:
+            pass  # no transaction open: nothing to undo
+
+    def _table_names(self) -> set[str]:
+        return {r[0] for r in self.con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+
+    def close(self) -> None:
+        self.con.close()
