@@ -26,7 +26,8 @@ import pyarrow as pa
 
 from settle_arrow import checks, schema
 from settle_arrow.errors import SelfCheckError, UserError
-from settle_arrow.io.files import SourceError, SourceFile, discover, read_batches
+from settle_arrow.io.files import SourceError, SourceFile, discover, read_batches, read_schema
+from settle_arrow.io.parse import ColumnTypeError, coerce, to_text
 from settle_arrow.recovery import recover
 from settle_arrow.refdata import RefData, RefDataError, load_refdata
 from settle_arrow.stages.base import Stage, StageContext, Window
@@ -69,6 +70,28 @@ class _RawWindow:
     last_offset: int
 
 
+def _check_columns(src: SourceFile) -> None:
+    """Refuse, before any window, a file with none of the trade columns or a column whose type
+    cannot hold its values (a float price): per file, so windowing cannot change the answer."""
+    found = read_schema(src)
+    cols = [c for c in schema.INPUT_TRADE.names if c in found.names]
+    if not cols:
+        raise SourceError(f"{src.url} has none of the trade columns (found: {', '.join(found.names[:8]) or 'nothing'})")
+    twice = [c for c in cols if found.names.count(c) > 1]
+    if twice:
+        raise SourceError(f"{src.url} has column {twice[0]} more than once")
+    wide = [c for c in cols if pa.types.is_decimal256(found.field(c).type)]  # Polars has no decimal256
+    if wide:
+        raise ColumnTypeError(f"{src.url}: column {wide[0]} has type {found.field(wide[0]).type}, "
+                              f"expected {schema.INPUT_TRADE.field(wide[0]).type}")
+    empty = pl.from_arrow(found.empty_table().select(cols))
+    assert isinstance(empty, pl.DataFrame)
+    try:
+        coerce(empty, schema.INPUT_TRADE)
+    except ColumnTypeError as exc:
+        raise ColumnTypeError(f"{src.url}: {exc}") from None
+
+
 def _batch_frame(batch: pa.RecordBatch, src: SourceFile, first_row: int) -> pl.DataFrame:
     cols = [c for c in schema.INPUT_TRADE.names if c in batch.schema.names]
     if not cols:
@@ -90,7 +113,7 @@ def _concat(frames: list[pl.DataFrame]) -> pl.DataFrame:
         return pl.concat(frames)
     # Files of different formats (text CSV, typed Parquet) meet in one window: fall back
     # to text, which the validator parses strictly either way.
-    texts = [f.with_columns(pl.exclude("source_row").cast(pl.String)) for f in frames]
+    texts = [f.with_columns(to_text(c, t) for c, t in f.schema.items() if c != "source_row") for f in frames]
     return pl.concat(texts, how="diagonal")
 
 
@@ -253,6 +276,8 @@ def replay(
     if not batch and not 1 <= window_rows <= WINDOW_ROWS_MAX:
         raise UserError(f"window size must be between 1 and {WINDOW_ROWS_MAX:,} rows")
     sources = discover(paths)
+    for src in sources:
+        _check_columns(src)
     ref = load_refdata(refdata)
     storage = open_storage(target)
     try:

@@ -15,6 +15,8 @@ from decimal import Decimal
 import numpy as np
 import polars as pl
 
+from settle_arrow.errors import UserError
+
 RATE_SCALE = 10**8
 FEN_DECIMAL18_MAX = 10**18  # decimal128(18,2) holds |x| < 10^16 CNY = 10^18 fen
 _CENT = pl.lit(Decimal("0.01"), dtype=pl.Decimal(3, 2))
@@ -47,4 +49,4 @@ def check_decimal18(frame: pl.DataFrame, columns: list[str], what: str) -> None:
     """Refuse sums that a decimal128(18,2) column cannot hold (instead of wrapping)."""
     for c in columns:
         if frame.height and frame[c].abs().max() >= FEN_DECIMAL18_MAX:
-            raise OverflowError(f"{what}.{c} exceeds decimal(18,2)")
+            raise UserError(f"{what}.{c} exceeds decimal(18,2): the input's amounts are too large to net")

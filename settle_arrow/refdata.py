@@ -141,7 +141,7 @@ def _load_table(dir_url: str, name: str) -> pl.DataFrame:
 def _unique(frame: pl.DataFrame, keys: list[str], table: str) -> None:
     dup = frame.filter(frame.select(keys).is_duplicated())
     if len(dup):
-        raise RefDataError(f"{table}: duplicate key {dict(zip(keys, dup.row(0)))}")
+        raise RefDataError(f"{table}: duplicate key {dict(zip(keys, dup.row(0), strict=False))}")
 
 
 def _require_in(values: pl.Series, allowed: pl.Series, what: str) -> None:

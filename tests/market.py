@@ -55,14 +55,17 @@ def write_refdata(root: Path, fees=FEES, holdings=(), start: dt.date = dt.date(2
         "trading_units": [{"unit_id": f"U000{i}", "participant_id": f"P{i}"} for i in (1, 2, 3)],
         "accounts": [{"account_id": f"A{i}", "holder_type": "INSTITUTION", "participant_id": f"P{i}"} for i in (1, 2, 3)]
         + [{"account_id": "A9", "holder_type": "INDIVIDUAL", "participant_id": "P1"}],
-        "holdings": [dict(zip(("account_id", "market", "security_id", "quantity"), h)) for h in holdings],
+        "holdings": [dict(zip(("account_id", "market", "security_id", "quantity"), h, strict=False)) for h in holdings],
         "calendar": [{"market": "XSHG", "business_date": d} for d in days],
-        "fees": [dict(zip(("fee_code", "market", "security_type", "side", "rate", "effective_from", "effective_to"), f))
+        "fees": [dict(zip(("fee_code", "market", "security_type", "side", "rate", "effective_from", "effective_to"), f, strict=False))
                  for f in fees],
     }
     for name, rows in tables.items():
         pq.write_table(pa.Table.from_pylist(rows, schema=schema.REFDATA[name]), ref / f"{name}.parquet")
     return ref
+
+
+UNIT_OF = {"A1": "U0001", "A2": "U0002", "A3": "U0003", "A9": "U0001"}
 
 
 def trade(trade_id, buy_account, sell_account, quantity, price, security_id="600000", trade_date=T,
@@ -71,7 +74,7 @@ def trade(trade_id, buy_account, sell_account, quantity, price, security_id="600
         "trade_id": trade_id, "market": market, "trade_date": trade_date, "trade_time": dt.time(10, 0),
         "security_id": security_id, "price": D(price), "quantity": quantity,
         "buy_account": buy_account, "sell_account": sell_account,
-        "buy_unit": buy_unit or f"U000{buy_account[-1]}", "sell_unit": sell_unit or f"U000{sell_account[-1]}",
+        "buy_unit": buy_unit or UNIT_OF.get(buy_account, "U0009"), "sell_unit": sell_unit or UNIT_OF.get(sell_account, "U0009"),
         "record_type": record_type, "ref_trade_id": ref_trade_id,
     }
 

@@ -28,6 +28,14 @@ FORMATS = {".parquet": "parquet", ".arrow": "ipc", ".feather": "ipc", ".ipc": "i
 READ_BATCH_ROWS = 65_536
 
 
+# A file that is not what its extension says (garbage, not UTF-8, broken CSV) fails with these.
+_READ_ERRORS = (pa.ArrowInvalid, OSError, UnicodeDecodeError, csv.Error)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
 class SourceError(UserError):
     """An input path cannot be found or read (user mistake)."""
 
@@ -82,15 +90,22 @@ def discover(paths: list[str] | tuple[str, ...]) -> tuple[SourceFile, ...]:
     return tuple(found)
 
 
-def _csv_batches(handle, batch_rows: int) -> Iterator[pa.RecordBatch]:
-    # Every column is forced to text, which needs the names from the header first.
+def _csv_header(handle) -> list[str]:
     names = next(csv.reader([handle.readline().decode("utf-8-sig")]), [])
     handle.seek(0)
+    return names
+
+
+def _csv_batches(handle, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    # Every column is forced to text, which needs the names from the header first.
+    names = _csv_header(handle)
     reader = pacsv.open_csv(
         handle,
         read_options=pacsv.ReadOptions(block_size=1 << 22),
         convert_options=pacsv.ConvertOptions(
             column_types={n: pa.string() for n in names},
+            # Only an empty field is null: 'NA', 'NULL', 'N/A'... stay text, as written.
+            null_values=[""],
             strings_can_be_null=True,
             quoted_strings_can_be_null=True,
         ),
@@ -129,8 +144,25 @@ def read_batches(src: SourceFile, start_row: int = 0, batch_rows: int = READ_BAT
                     batch, skip = batch.slice(skip), 0
                 for i in range(0, batch.num_rows, batch_rows):
                     yield batch.slice(i, batch_rows)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise SourceError(f"cannot read {src.url}: {str(exc).splitlines()[0]}") from None
+    except _READ_ERRORS as exc:
+        raise SourceError(f"cannot read {src.url}: {_first_line(exc)}") from None
+
+
+def read_schema(src: SourceFile) -> pa.Schema:
+    """Columns of `src` from its header or metadata, without reading rows (CSV: all text)."""
+    try:
+        with fsspec.open(src.url, "rb") as handle:
+            if src.fmt == "parquet":
+                return pq.read_schema(handle)
+            if src.fmt == "ipc":
+                try:
+                    return ipc.open_file(handle).schema
+                except pa.ArrowInvalid:
+                    handle.seek(0)
+                    return ipc.open_stream(handle).schema
+            return pa.schema([(n, pa.string()) for n in _csv_header(handle)])
+    except _READ_ERRORS as exc:
+        raise SourceError(f"cannot read {src.url}: {_first_line(exc)}") from None
 
 
 def _ipc_batches(handle) -> Iterator[pa.RecordBatch]:

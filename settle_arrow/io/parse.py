@@ -25,12 +25,14 @@ class ColumnTypeError(UserError):
 
 _INT_RE = r"^[+-]?[0-9]{1,19}$"
 _DATE_RE = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
-_TIME_RE = r"^[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?$"
+_TIME_RE = r"^[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6}0*)?$"
 
 
 def _decimal_re(precision: int, scale: int) -> str:
     whole = precision - scale
-    frac = rf"(\.[0-9]{{1,{scale}}})?" if scale else ""
+    # Trailing zeros beyond the scale change nothing (10.1000 is exactly 10.100): a decimal
+    # column of a wider scale, as databases export, keeps its exact values.
+    frac = rf"(\.[0-9]{{1,{scale}}}0*)?" if scale else ""
     return rf"^[+-]?[0-9]{{1,{whole}}}{frac}$"
 
 
@@ -68,6 +70,10 @@ def coerce_column(frame: pl.DataFrame, name: str, arrow_type: pa.DataType) -> tu
     src = frame.schema[name]
     target = polars_dtype(arrow_type)
     col = pl.col(name)
+    if src == pl.Time and pa.types.is_time64(arrow_type) and arrow_type.unit == "us":
+        # Polars times carry nanoseconds; a sub-microsecond part does not fit time64[us].
+        bad = col.is_not_null() & (col.cast(pl.Int64) % 1000 != 0)
+        return pl.when(bad).then(None).otherwise(col), bad
     if src == target:
         return col, pl.lit(False)
     if src == pl.Null:
@@ -83,6 +89,14 @@ def coerce_column(frame: pl.DataFrame, name: str, arrow_type: pa.DataType) -> tu
     if pa.types.is_time64(arrow_type) and src == pl.Time:
         return col, pl.lit(False)
     raise ColumnTypeError(f"column {name} has type {src}, expected {arrow_type}")
+
+
+def to_text(name: str, dtype: pl.DataType) -> pl.Expr:
+    """Column `name` as text that parses back to the same value (a plain cast to string
+    drops a time's fraction of a second: 10:00:00.123456 would become 10:00:00)."""
+    if dtype == pl.Time:
+        return pl.col(name).dt.to_string("%H:%M:%S%.f")
+    return pl.col(name).cast(pl.String)
 
 
 def coerce(frame: pl.DataFrame, schema: pa.Schema) -> pl.DataFrame:

@@ -61,7 +61,7 @@ def _fees(ref: RefData, t: pl.DataFrame, amount: np.ndarray) -> dict[str, np.nda
     n_regimes = regimes.height
     # One vectorised pass per (side, fee code, slot): the loop is over the fee schedule's
     # shape (a handful of entries), never over trades.
-    for (side, col, slot), g in slots.group_by("side", "fee_col", "slot"):
+    for (side, col, _slot), g in slots.group_by("side", "fee_col", "slot"):
         rate_of_regime = np.zeros(n_regimes, dtype=np.int64)
         rate_of_regime[g["regime"].to_numpy()] = g["rate_units"].to_numpy()
         out[f"{side.lower()}_{col}"] += money.fee_fen(amount, rate_of_regime[regime])

@@ -20,7 +20,7 @@ import numpy as np
 import polars as pl
 
 from settle_arrow import schema
-from settle_arrow.io.parse import coerce
+from settle_arrow.io.parse import coerce, to_text
 from settle_arrow.stages.base import StageContext, Window
 from settle_arrow.state import ACCEPTED_PAYLOAD, ODD_KEY_SCHEMA, TRADE_ID_BITS, trade_keys
 
@@ -244,7 +244,7 @@ def _quarantine_rows(raw: pl.DataFrame, bad: pl.DataFrame) -> pl.DataFrame:
     cols = []
     for name in schema.INPUT_TRADE.names:
         if name in rows.columns:
-            cols.append(pl.col(name).cast(pl.String).alias(name))
+            cols.append(to_text(name, rows.schema[name]).alias(name))
         else:
             cols.append(pl.lit(None, dtype=pl.String).alias(name))
     return rows.select(*cols, "reason", "detail", "source", "source_row")

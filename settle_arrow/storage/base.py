@@ -143,7 +143,7 @@ class Storage(abc.ABC):
     # --- reads --------------------------------------------------------------------
     def meta(self) -> dict[str, str]:
         t = self._query("SELECT key, value FROM meta")
-        return dict(zip(t["key"].to_pylist(), t["value"].to_pylist()))
+        return dict(zip(t["key"].to_pylist(), t["value"].to_pylist(), strict=True))
 
     def query(self, sql: str, params: tuple = ()) -> pa.Table:
         return self._query(sql, params)
@@ -167,7 +167,7 @@ class Storage(abc.ABC):
     def source_progress(self) -> dict[str, tuple[int, int]]:
         """source url -> (size_bytes, rows_done)."""
         t = self._query("SELECT source, size_bytes, rows_done FROM sources")
-        return {s: (z, r) for s, z, r in zip(*(t[c].to_pylist() for c in ("source", "size_bytes", "rows_done")))}
+        return {s: (z, r) for s, z, r in zip(*(t[c].to_pylist() for c in ("source", "size_bytes", "rows_done")), strict=True)}
 
     # --- writes -------------------------------------------------------------------
     def commit_window(
@@ -202,7 +202,7 @@ class Storage(abc.ABC):
             for k, v in (meta or {}).items():
                 self._execute("DELETE FROM meta WHERE key = ?", (k,))
                 self._append("meta", pa.table({"key": [k], "value": [v]}))
-            cp = dict(checkpoint, window_id=window_id, committed_at=datetime.datetime.now(datetime.timezone.utc))
+            cp = dict(checkpoint, window_id=window_id, committed_at=datetime.datetime.now(datetime.UTC))
             self._append("checkpoints", pa.Table.from_pylist([cp], schema=schema.STORAGE["checkpoints"]))
             self._commit()
         except BaseException:
@@ -231,7 +231,7 @@ class Storage(abc.ABC):
 
     def record_self_check(self, window_id: int, problems: list[str]) -> None:
         row = {
-            "checked_at": datetime.datetime.now(datetime.timezone.utc),
+            "checked_at": datetime.datetime.now(datetime.UTC),
             "window_id": window_id,
             "status": "FAILED" if problems else "OK",
             "detail": "; ".join(problems)[:4000],

@@ -1,0 +1,113 @@
+"""The project's benchmark: trades/s of replay at several window sizes, peak memory, and the
+bare DuckDB GROUP BY floor on the same Parquet files, in one run.
+
+Data model: a generated market (generate.py) -> one measurement per mode, each replay in a
+fresh subprocess (so its peak RSS is its own) into a fresh DuckDB file -> a table printed
+and returned as a list of dicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+
+from settle_arrow.generate import MarketSpec, generate_market
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSpec:
+    trades: int = 5_000_000
+    accounts: int = 1_000_000
+    securities: int = 2_000
+    holdings: int | None = None
+    days: int = 5
+    windows: tuple[int, ...] = (10_000, 100_000)
+    batch: bool = True
+    out_dir: str = "bench_out"
+    seed: int = 1
+
+    @staticmethod
+    def quick(out_dir: str = "bench_out") -> BenchSpec:
+        return BenchSpec(trades=300_000, accounts=100_000, securities=500, days=2, out_dir=out_dir)
+
+
+def floor_groupby(trade_glob: str, refdata: str) -> dict:
+    """Bare DuckDB netting of both legs per participant x security, straight from Parquet."""
+    con = duckdb.connect()
+    con.execute(f"CREATE TABLE units AS SELECT * FROM read_parquet('{refdata}/trading_units.parquet')")
+    sql = f"""
+        SELECT u.participant_id, t.security_id, SUM(t.q) AS net, COUNT(*) AS legs FROM (
+            SELECT buy_unit AS unit, security_id, quantity AS q FROM read_parquet('{trade_glob}')
+            UNION ALL
+            SELECT sell_unit AS unit, security_id, -quantity AS q FROM read_parquet('{trade_glob}')
+        ) t JOIN units u ON u.unit_id = t.unit GROUP BY ALL"""
+    con.execute(sql).fetchall()  # warm the file cache
+    started = time.perf_counter()
+    rows = con.execute(f"SELECT SUM(legs) FROM ({sql})").fetchone()[0]
+    seconds = time.perf_counter() - started
+    return {"mode": "floor: DuckDB GROUP BY", "rows": rows // 2, "seconds": seconds}
+
+
+def run_one(paths: list[str], refdata: str, db: str, window: int | None) -> dict:
+    """One replay in this process; returns rate, window latencies and peak RSS."""
+    from settle_arrow.engine import replay
+
+    stamps: list[float] = []
+    started = time.perf_counter()
+    report = replay(paths, refdata, db, window_rows=window or 1, batch=window is None,
+                    on_window=lambda rows, n: stamps.append(time.perf_counter()))
+    gaps = [b - a for a, b in zip([started, *stamps], stamps, strict=False)]
+    return {
+        "rows": report.rows_read,
+        "seconds": report.seconds,
+        "window_p50_ms": 1000 * statistics.median(gaps) if gaps else 0.0,
+        "window_p99_ms": 1000 * sorted(gaps)[max(0, int(len(gaps) * 0.99) - 1)] if gaps else 0.0,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def run(spec: BenchSpec, echo=print) -> list[dict]:
+    out = Path(spec.out_dir)
+    market = out / "market"
+    shutil.rmtree(market, ignore_errors=True)
+    started = time.perf_counter()
+    summary = generate_market(market, MarketSpec(trades=spec.trades, seed=spec.seed, accounts=spec.accounts,
+                                                 securities=spec.securities, holdings=spec.holdings, days=spec.days))
+    echo(f"generated {summary.rows:,} trades in {time.perf_counter() - started:.1f}s into {market}")
+    results = [floor_groupby(str(market / "trades" / "*.parquet"), summary.refdata_dir)]
+    modes: list[int | None] = [*spec.windows, *([None] if spec.batch else [])]
+    for window in modes:
+        db = out / f"bench_{window or 'batch'}.duckdb"
+        db.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "settle_arrow.bench", str(market / "trades"), summary.refdata_dir, str(db),
+               str(window or 0)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode:
+            raise RuntimeError(f"benchmark replay failed: {proc.stderr.strip().splitlines()[-1:]}")
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        r["mode"] = f"replay --window {window:,}" if window else "replay --batch"
+        results.append(r)
+        db.unlink(missing_ok=True)
+    floor = results[0]["rows"] / results[0]["seconds"]
+    for r in results:
+        r["trades_per_s"] = r["rows"] / r["seconds"]
+        r["floor_ratio"] = floor / r["trades_per_s"]
+    return results
+
+
+def main_one(argv: list[str]) -> None:
+    paths, refdata, db, window = argv
+    print(json.dumps(run_one([paths], refdata, db, int(window) or None)))
+
+
+if __name__ == "__main__":
+    main_one(sys.argv[1:])

@@ -1,0 +1,202 @@
+"""`settle-arrow` command line: thin commands over the library API.
+
+Exit codes: 0 success; 2 a user mistake (one-line message, no traceback); 3 a self-check
+failed (nothing of the failing window was committed).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from settle_arrow.engine import WINDOW_ROWS_DEFAULT, ReplayReport, replay
+from settle_arrow.errors import SelfCheckError, UserError
+from settle_arrow.io.files import SourceFile
+from settle_arrow.target import open_target
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Arrow-native securities clearing and settlement.")
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail(exc: Exception, code: int) -> typer.Exit:
+    # Messages carry paths and values: escaped, so "[...]" in them is text, not rich markup.
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _guard(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except UserError as exc:
+        raise _fail(exc, 2) from None
+    except SelfCheckError as exc:
+        raise _fail(exc, 3) from None
+
+
+@app.command()
+def generate(
+    out_dir: Annotated[Path, typer.Argument(help="directory to write refdata/ and trades/ into")],
+    trades: Annotated[int, typer.Option(help="trade rows to write (bad rows and cancellations included)")] = 5000,
+    seed: Annotated[int, typer.Option(help="random seed: same seed, same files")] = 0,
+    accounts: Annotated[int, typer.Option()] = 2000,
+    securities: Annotated[int, typer.Option()] = 200,
+    participants: Annotated[int, typer.Option()] = 20,
+    days: Annotated[int, typer.Option(help="trading days")] = 10,
+    start: Annotated[str, typer.Option(help="first calendar day, YYYY-MM-DD")] = "2023-08-21",
+    holdings: Annotated[int | None, typer.Option(help="opening holdings rows")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="parquet or csv")] = "parquet",
+    bad_rate: Annotated[float, typer.Option(help="fraction of rows that trip a quarantine reason")] = 0.0,
+    cancel_rate: Annotated[float, typer.Option(help="fraction of rows that are cancellations (X)")] = 0.0,
+) -> None:
+    """Write a synthetic market: reference data and trade files (SPEC §1-2)."""
+    from settle_arrow.generate import MarketSpec, generate_market
+
+    try:
+        start_date = datetime.date.fromisoformat(start)
+        spec = MarketSpec(
+            trades=trades, seed=seed, accounts=accounts, securities=securities, participants=participants,
+            days=days, start_date=start_date, holdings=holdings, fmt=fmt, bad_rate=bad_rate, cancel_rate=cancel_rate,
+        )
+        summary = generate_market(out_dir, spec)
+    except ValueError as exc:
+        raise _fail(exc, 2) from None
+    out.print(
+        f"wrote {summary.rows:,} trades ({summary.bad_rows:,} bad, {summary.cancel_rows:,} cancellations) "
+        f"in {len(summary.trade_files)} file(s) to {summary.out_dir} in {summary.seconds:.1f}s; "
+        f"reference data in {summary.refdata_dir}"
+    )
+
+
+def _print_report(r: ReplayReport) -> None:
+    t = Table(title=f"replay into {escape(r.target)}", show_header=False)
+    t.add_row("rows already committed (skipped)", f"{r.rows_skipped:,}")
+    t.add_row("rows read", f"{r.rows_read:,}")
+    t.add_row("rows accepted", f"{r.rows_accepted:,}")
+    t.add_row("rows quarantined", f"{r.rows_quarantined:,}")
+    for reason, n in r.by_reason.items():
+        t.add_row(f"  {reason}", f"{n:,}")
+    t.add_row("read = accepted + quarantined", "yes" if r.rows_read == r.rows_accepted + r.rows_quarantined else "NO")
+    t.add_row("windows committed", f"{r.windows:,}")
+    t.add_row("seconds", f"{r.seconds:.2f}")
+    t.add_row("trades/s", f"{r.trades_per_s:,.0f}")
+    t.add_row("self-check", r.self_check)
+    out.print(t)
+
+
+@app.command("replay")
+def replay_cmd(
+    paths: Annotated[list[str], typer.Argument(help="trade files, directories, globs or fsspec URLs")],
+    refdata: Annotated[str, typer.Option(help="reference data directory")],
+    db: Annotated[str, typer.Option(help="TARGET: a DuckDB file path")],
+    window: Annotated[int, typer.Option(help="rows per streaming window")] = WINDOW_ROWS_DEFAULT,
+    batch: Annotated[bool, typer.Option("--batch", help="the whole input as one end-of-day window")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+) -> None:
+    """Validate, clear and register trade files into TARGET, exactly once."""
+    progress = Progress(
+        TextColumn("[bold]replay"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} rows/s"),
+        TimeElapsedColumn(), console=err, disable=quiet or not err.is_terminal,
+    )
+    task = progress.add_task("replay", total=None, rate="-")
+
+    def on_start(sources: tuple[SourceFile, ...]) -> None:
+        progress.start()
+
+    def on_window(rows: int, windows: int) -> None:
+        elapsed = progress.tasks[0].elapsed or 1e-9
+        progress.update(task, completed=rows, rate=f"{rows / elapsed:,.0f}")
+
+    try:
+        report = _guard(replay, paths, refdata, db, window_rows=window, batch=batch, on_window=on_window, on_start=on_start)
+    finally:
+        progress.stop()
+    _print_report(report)
+
+
+@app.command()
+def export(
+    table: Annotated[str, typer.Argument(help="trades, quarantine, obligations_securities, obligations_cash, holdings, exceptions, checkpoints")],
+    db: Annotated[str, typer.Option(help="TARGET")],
+    out_file: Annotated[str, typer.Option("--out", help="output file, .parquet or .csv")],
+) -> None:
+    """Write one table to Parquet or CSV, sorted by its key (SPEC §6)."""
+
+    def run() -> int:
+        with open_target(db) as target:
+            return target.export(table, out_file)
+
+    n = _guard(run)
+    out.print(f"wrote {n:,} rows of {escape(table)} to {escape(out_file)}")
+
+
+@app.command()
+def status(
+    db: Annotated[str, typer.Option(help="TARGET")],
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Checkpoints, row counts per table and the last self-check of TARGET."""
+
+    def run():
+        with open_target(db) as target:
+            return target.status()
+
+    s = _guard(run)
+    if as_json:
+        sys.stdout.write(json.dumps(s.__dict__, default=str, indent=2) + "\n")
+        return
+    t = Table(title=f"status of {escape(s.target)}", show_header=False)
+    t.add_row("windows committed", f"{s.windows:,}")
+    if s.last_window:
+        lw = s.last_window
+        t.add_row("last window", f"#{lw['window_id']} {escape(lw['source'])} @ row {lw['offset']:,} ({lw['committed_at']})")
+    for name, n in s.row_counts.items():
+        t.add_row(f"rows in {name}", f"{n:,}")
+    for src in s.sources:
+        t.add_row("source", f"{escape(src['source'])}: {src['rows_done']:,} rows committed")
+    chk = s.last_self_check
+    t.add_row("last self-check", f"{chk['status']} at {chk['checked_at']} {escape(chk['detail'] or '')}" if chk else "never")
+    out.print(t)
+
+
+@app.command()
+def bench(
+    trades: Annotated[int, typer.Option(help="trades to generate")] = 5_000_000,
+    accounts: Annotated[int, typer.Option()] = 1_000_000,
+    securities: Annotated[int, typer.Option()] = 2_000,
+    holdings: Annotated[int | None, typer.Option(help="opening holdings rows (default about 2 per account)")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="a small scale that finishes in well under a minute")] = False,
+    out_dir: Annotated[str, typer.Option(help="scratch directory")] = "bench_out",
+) -> None:
+    """Benchmark: trades/s per window size and --batch, window latency, peak RSS, DuckDB floor."""
+    import os
+    import platform
+
+    from settle_arrow.bench import BenchSpec
+    from settle_arrow.bench import run as run_bench
+
+    spec = BenchSpec.quick(out_dir) if quick else BenchSpec(
+        trades=trades, accounts=accounts, securities=securities, holdings=holdings, out_dir=out_dir)
+    out.print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+              f"{spec.trades:,} trades, {spec.accounts:,} accounts, {spec.securities:,} securities")
+    results = _guard(run_bench, spec, echo=out.print)
+    t = Table(title="settle-arrow bench")
+    for col in ("mode", "trades", "seconds", "trades/s", "x floor", "window p50 ms", "window p99 ms", "peak RSS MB"):
+        t.add_column(col, justify="right")
+    for r in results:
+        t.add_row(r["mode"], f"{r['rows']:,}", f"{r['seconds']:.2f}", f"{r['trades_per_s']:,.0f}", f"{r['floor_ratio']:.1f}",
+                  f"{r.get('window_p50_ms', 0):.1f}", f"{r.get('window_p99_ms', 0):.1f}", f"{r.get('peak_rss_mb', 0):,.0f}")
+    out.print(t)
+
+
+if __name__ == "__main__":
+    app()
