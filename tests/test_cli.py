@@ -1,0 +1,248 @@
+"""The `settle-arrow` command line as a user runs it: a subprocess, exit codes, output files."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+from snapshots import TABLES, assert_same_tables, snapshot
+
+from settle_arrow import open_target, schema
+
+BIN = Path(sys.executable).parent / "settle-arrow"
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    cmd = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "settle_arrow.cli"]
+    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def ok(res: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert res.returncode == 0, f"exit {res.returncode}\n{res.stdout}\n{res.stderr}"
+    return res
+
+
+def user_error(res: subprocess.CompletedProcess, pattern: str) -> str:
+    """Exit 2, exactly one line `error: ...` on stderr, no traceback anywhere."""
+    assert res.returncode == 2, f"exit {res.returncode}\n{res.stdout}\n{res.stderr}"
+    assert "Traceback" not in res.stderr + res.stdout
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    assert re.search(pattern, lines[0]), lines[0]
+    return lines[0]
+
+
+def report_rows(stdout: str) -> dict[str, str]:
+    """`label -> value` of the replay report table."""
+    rows = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in re.split(r"[│|]", line) if c.strip()]
+        if len(cells) == 2:
+            rows[cells[0]] = cells[1]
+    return rows
+
+
+def num(s: str) -> int:
+    return int(s.replace(",", ""))
+
+
+@pytest.fixture(scope="module")
+def market(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "market"
+    res = ok(cli("generate", out, "--trades", 3000, "--seed", 11, "--days", 3, "--bad-rate", 0.05, "--cancel-rate", 0.05))
+    assert "3,000 trades" in res.stdout
+    assert {p.name for p in (out / "refdata").iterdir()} >= {f"{n}.parquet" for n in schema.REFDATA_REQUIRED}
+    assert len(list((out / "trades").glob("*.parquet"))) == 3
+    return out
+
+
+@pytest.fixture(scope="module")
+def db(market) -> str:
+    path = str(market.parent / "run.duckdb")
+    res = ok(cli("replay", market / "trades", "--refdata", market / "refdata", "--db", path, "--window", 400))
+    market.joinpath("replay.out").write_text(res.stdout)
+    return path
+
+
+def test_generate_is_deterministic(market, tmp_path):
+    again = tmp_path / "again"
+    ok(cli("generate", again, "--trades", 3000, "--seed", 11, "--days", 3, "--bad-rate", 0.05, "--cancel-rate", 0.05))
+    for f in sorted((market / "trades").iterdir()):
+        assert (again / "trades" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_replay_report(market, db):
+    rows = report_rows((market / "replay.out").read_text())
+    with open_target(db) as t:
+        trades, quarantine = t.table("trades"), t.table("quarantine")
+        windows = t.table("checkpoints").filter(pl.col("window_id") > 0).height
+    total = sum(pq.ParquetFile(f).metadata.num_rows for f in (market / "trades").iterdir())
+    assert num(rows["rows read"]) == total
+    assert num(rows["rows accepted"]) == trades.height
+    assert num(rows["rows quarantined"]) == quarantine.height
+    assert num(rows["rows accepted"]) + num(rows["rows quarantined"]) == total
+    assert rows["read = accepted + quarantined"] == "yes"
+    by_reason = dict(quarantine.group_by("reason").len().iter_rows())
+    assert len(by_reason) >= 8
+    assert {r: num(rows[r]) for r in schema.QUARANTINE_REASONS if r in rows} == by_reason
+    assert num(rows["windows committed"]) == windows == -(-total // 400)
+    assert num(rows["trades/s"]) > 0
+    assert rows["self-check"] == "OK"
+
+
+def test_replay_again_and_batch(market, db, tmp_path):
+    # Same command again: nothing read, everything skipped.
+    res = ok(cli("replay", market / "trades", "--refdata", market / "refdata", "--db", db, "--quiet"))
+    rows = report_rows(res.stdout)
+    assert num(rows["rows read"]) == 0 and num(rows["windows committed"]) == 0
+    assert num(rows["rows already committed (skipped)"]) > 0
+    # The whole input as one end-of-day window: same tables.
+    batch_db = str(tmp_path / "batch.duckdb")
+    res = ok(cli("replay", market / "trades", "--refdata", market / "refdata", "--db", batch_db, "--batch"))
+    rows = report_rows(res.stdout)
+    assert num(rows["windows committed"]) == 1 and rows["self-check"] == "OK"
+    assert_same_tables(snapshot(batch_db), snapshot(db))
+
+
+@pytest.mark.parametrize("table", TABLES)
+def test_export_parquet_and_csv(db, tmp_path, table):
+    want = schema.OUTPUT[table]
+    keys = list(schema.KEYS[table])
+    with open_target(db) as t:
+        expected = t.arrow(table)
+    assert expected.num_rows > 0, f"the market should fill {table}"
+
+    pq_out = tmp_path / f"{table}.parquet"
+    res = ok(cli("export", table, "--db", db, "--out", pq_out))
+    assert f"{expected.num_rows:,} rows" in res.stdout
+    got = pq.read_table(pq_out)
+    assert got.schema.names == want.names  # exactly these columns, in this order
+    assert got.schema.equals(want), f"{got.schema}\n!=\n{want}"
+    assert got.equals(expected)
+    frame = pl.from_arrow(got)
+    assert frame.equals(frame.sort(keys, nulls_last=True), null_equal=True), "sorted by key"
+    assert frame.select(keys).is_unique().all(), "keys identify rows"
+
+    csv_out = tmp_path / f"{table}.csv"
+    ok(cli("export", table, "--db", db, "--out", csv_out))
+    header = csv_out.read_text(encoding="utf-8").splitlines()[0]
+    assert [c.strip('"') for c in header.split(",")] == want.names
+    back = pacsv.read_csv(
+        csv_out,
+        convert_options=pacsv.ConvertOptions(
+            column_types=want, strings_can_be_null=True, quoted_strings_can_be_null=False
+        ),
+    )
+    assert back.schema.names == want.names
+    assert back.cast(want).equals(expected), "CSV reads back to the same values"
+
+
+def test_export_creates_nothing_on_error(db, tmp_path):
+    user_error(cli("export", "trades", "--db", db, "--out", tmp_path / "t.json"), r"\.parquet or \.csv")
+    user_error(cli("export", "trades", "--db", db, "--out", tmp_path / "no" / "t.csv"), "does not exist")
+    user_error(cli("export", "ledger", "--db", db, "--out", tmp_path / "t.csv"), "unknown table 'ledger'")
+    user_error(cli("export", "trades", "--db", tmp_path / "none.duckdb", "--out", tmp_path / "t.csv"), "does not exist")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_status_text_and_json(db):
+    res = ok(cli("status", "--db", db))
+    rows = report_rows(res.stdout)
+    with open_target(db) as t:
+        counts = {name: t.storage.count(name) for name in schema.OUTPUT}
+    assert num(rows["windows committed"]) == counts["checkpoints"]
+    for name, n in counts.items():
+        assert num(rows[f"rows in {name}"]) == n
+    assert rows["last self-check"].startswith("OK")
+
+    s = json.loads(ok(cli("status", "--db", db, "--json")).stdout)
+    assert s["target"] == db
+    assert s["row_counts"] == counts
+    assert s["windows"] == counts["checkpoints"]
+    assert s["last_window"]["window_id"] == counts["checkpoints"] - 1  # window 0: opening holdings
+    assert s["last_self_check"]["status"] == "OK"
+    assert len(s["sources"]) == 3 and all(src["rows_done"] > 0 for src in s["sources"])
+
+
+# --- user mistakes: exit 2, one line, no traceback, nothing written ----------------------
+
+
+def _replay(market: Path, db: Path | str, *extra, paths=None, refdata=None):
+    return cli("replay", *(paths or [market / "trades"]), "--refdata", refdata or market / "refdata", "--db", db, *extra)
+
+
+def test_replay_user_mistakes(market, tmp_path):
+    db = tmp_path / "x.duckdb"
+    user_error(_replay(market, db, paths=[tmp_path / "missing.parquet"]), "no input file matches .*missing.parquet")
+    user_error(_replay(market, db, paths=[tmp_path / "nothing-*.parquet"]), "no input file matches")
+    user_error(_replay(market, db, refdata=tmp_path / "no-refdata"), "reference data directory not found")
+    partial = tmp_path / "refdata"
+    partial.mkdir()
+    for f in (market / "refdata").iterdir():
+        if f.name != "securities.parquet":
+            (partial / f.name).write_bytes(f.read_bytes())
+    user_error(_replay(market, db, refdata=partial), "securities")
+    user_error(_replay(market, db, "--window", 0), "window")
+    user_error(_replay(market, db, "--window", -3), "window")
+    user_error(_replay(market, tmp_path / "no-dir" / "x.duckdb"), "does not exist")
+    user_error(_replay(market, tmp_path), "DuckDB|directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["refdata"], "no TARGET created by a failed replay"
+
+
+def test_bad_target_files_are_not_touched(market, tmp_path):
+    """A TARGET that is not a DuckDB file (text, or a trade file given by mistake) is refused
+    and left byte-for-byte as it was."""
+    text = tmp_path / "notes.duckdb"
+    text.write_text("not a database\n" * 100)
+    trade_file = tmp_path / "t.parquet"
+    trade_file.write_bytes(next((market / "trades").iterdir()).read_bytes())
+    for target in (text, trade_file):
+        before = target.read_bytes()
+        user_error(_replay(market, target), "DuckDB")
+        user_error(cli("status", "--db", target), "DuckDB")
+        user_error(cli("export", "trades", "--db", target, "--out", tmp_path / "o.csv"), "DuckDB")
+        assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.duckdb", "t.parquet"]
+
+
+def test_status_user_mistakes(tmp_path):
+    user_error(cli("status", "--db", tmp_path / "nope.duckdb"), "nope.duckdb does not exist")
+    user_error(cli("status", "--db", tmp_path / "nope.duckdb", "--json"), "does not exist")
+    assert list(tmp_path.iterdir()) == []
+    import duckdb
+
+    duckdb.connect(str(tmp_path / "other.duckdb")).close()  # a DuckDB file, not ours
+    user_error(cli("status", "--db", tmp_path / "other.duckdb"), "no settle_arrow data")
+
+
+def test_messages_are_text_not_markup(market, db, tmp_path):
+    """Brackets in paths and names are printed as they are (not eaten as rich markup, no crash)."""
+    line = user_error(_replay(market, tmp_path / "x.duckdb", paths=["/nonexistent/[/x]/t.parquet"]), "no input")
+    assert line.endswith("/nonexistent/[/x]/t.parquet")
+    line = user_error(cli("export", "[bold]t", "--db", db, "--out", tmp_path / "o.csv"), "unknown table")
+    assert "'[bold]t'" in line
+
+
+
+def test_target_in_use(market, db, tmp_path):
+    """While another process writes the TARGET, replay and status say so (exit 2)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({db!r}); print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        user_error(cli("status", "--db", db), "in use by another process")
+        user_error(_replay(market, db), "in use by another process")
+    finally:
+        holder.kill()
+        holder.wait()
+    ok(cli("status", "--db", db))

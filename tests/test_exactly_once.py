@@ -1,0 +1,352 @@
+"""SPEC §8 exactly once: re-runs add nothing, new files continue, changed files are refused,
+and a replay SIGKILLed at any moment and started again ends with the tables of an
+uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from snapshots import RESULT_TABLES, assert_same_tables, snapshot
+
+from settle_arrow import UserError, open_target, replay
+from settle_arrow.generate import MarketSpec, generate_market
+
+SEED = 20250616
+
+
+@pytest.fixture(scope="module")
+def market(tmp_path_factory) -> Path:
+    """~20k rows over 6 daily files, with bad rows, cancellations and negative holdings."""
+    out = tmp_path_factory.mktemp("market")
+    generate_market(out, MarketSpec(trades=20_000, seed=SEED, days=6, bad_rate=0.04, cancel_rate=0.05))
+    return out
+
+
+def _files(market: Path) -> list[str]:
+    return sorted(str(p) for p in (market / "trades").glob("*.parquet"))
+
+
+def _rows(path: str) -> int:
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+@pytest.fixture(scope="module")
+def reference(market, tmp_path_factory) -> dict:
+    """One uninterrupted run over every file (window 700), the expected tables."""
+    db = str(tmp_path_factory.mktemp("ref") / "ref.duckdb")
+    report = replay([str(market / "trades")], str(market / "refdata"), db, window_rows=700)
+    assert report.rows_read == sum(_rows(f) for f in _files(market))
+    assert report.rows_quarantined > 0 and report.by_reason
+    snap = snapshot(db)
+    assert snap["exceptions"].height > 0, "the market should exercise NEGATIVE_HOLDING"
+    return snap
+
+
+# --- re-runs -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("first", "again"), [(700, 3), (700, None), (None, 1000)])
+def test_rerun_adds_nothing(market, reference, tmp_path, first, again):
+    db = str(tmp_path / "db.duckdb")
+    paths, ref = [str(market / "trades")], str(market / "refdata")
+
+    def run(w):
+        return replay(paths, ref, db, window_rows=w or 1, batch=w is None)
+
+    run(first)
+    before = snapshot(db)
+    assert_same_tables(before, reference)  # any windowing: same tables (SPEC §8)
+    report = run(again)
+    assert (report.rows_read, report.rows_accepted, report.windows) == (0, 0, 0)
+    assert report.rows_skipped == reference["trades"].height + reference["quarantine"].height
+    after = snapshot(db)
+    for name in before:  # exactly the same rows, checkpoints (row count, timestamps) included
+        assert after[name].equals(before[name], null_equal=True), name
+    assert after["checkpoints"].height == before["checkpoints"].height
+
+
+def test_rerun_with_other_spellings_of_the_same_files(market, tmp_path, monkeypatch):
+    """A directory, a glob, the file list and relative paths name the same files."""
+    db = str(tmp_path / "db.duckdb")
+    ref = str(market / "refdata")
+    replay([str(market / "trades")], ref, db, window_rows=5000)
+    before = snapshot(db)
+    monkeypatch.chdir(market)
+    for paths in ([str(market / "trades" / "*.parquet")], _files(market), ["trades"], ["./trades/"]):
+        report = replay(paths, ref, db, window_rows=5000)
+        assert report.rows_read == 0, paths
+    after = snapshot(db)
+    for name in before:
+        assert after[name].equals(before[name], null_equal=True), name
+
+
+def test_new_file_later_continues(market, reference, tmp_path):
+    files, ref = _files(market), str(market / "refdata")
+    db = str(tmp_path / "db.duckdb")
+    first = replay(files[:3], ref, db, window_rows=900)
+    assert first.rows_read == sum(_rows(f) for f in files[:3])
+    cps = snapshot(db, ("checkpoints",))["checkpoints"].height
+    # The same files again plus the next one: only the new file's rows are read.
+    second = replay(files[:4], ref, db, window_rows=900)
+    assert second.rows_skipped == first.rows_read
+    assert second.rows_read == _rows(files[3])
+    assert snapshot(db, ("checkpoints",))["checkpoints"].height > cps
+    # Only the remaining files, named alone: they continue after the ones already in.
+    third = replay(files[4:], ref, db, window_rows=900)
+    assert third.rows_skipped == 0
+    assert third.rows_read == sum(_rows(f) for f in files[4:])
+    assert_same_tables(snapshot(db), reference)
+
+
+def test_changed_file_is_refused(market, tmp_path):
+    files, ref = _files(market), str(market / "refdata")
+    mine = tmp_path / "trades"
+    mine.mkdir()
+    copies = []
+    for f in files[:2]:
+        copies.append(mine / Path(f).name)
+        copies[-1].write_bytes(Path(f).read_bytes())
+    db = str(tmp_path / "db.duckdb")
+    replay([str(mine)], ref, db, window_rows=1000)
+    before = snapshot(db)
+    # The second file grows by one row (a later version of the day's feed).
+    t = pq.read_table(copies[1])
+    pq.write_table(pa.concat_tables([t, t.slice(0, 1)]), copies[1])
+    with pytest.raises(UserError, match=r"changed since it was replayed"):
+        replay([str(mine)], ref, db, window_rows=1000)
+    # ... also when it comes alone; the message names the file.
+    with pytest.raises(UserError, match=copies[1].name):
+        replay([str(copies[1])], ref, db, window_rows=1000)
+    after = snapshot(db)
+    for name in before:
+        assert after[name].equals(before[name], null_equal=True), name
+    # The unchanged file alone is fine (nothing to do).
+    assert replay([str(copies[0])], ref, db).rows_read == 0
+
+
+# --- SIGKILL at any moment -------------------------------------------------------------
+
+HARNESS = textwrap.dedent(
+    """
+    # Runs the real CLI; SA_TRAP=KIND:N makes the process announce the Nth time it reaches a
+    # point and then wait there, so the test can SIGKILL it exactly at that point.
+    import os, sys, time
+    from settle_arrow import engine
+    from settle_arrow.cli import app
+    from settle_arrow.storage.duckdb import DuckDBStorage
+
+    kind, _, nth = os.environ.get("SA_TRAP", ":0").rpartition(":")
+    hits = {"n": 0}
+    announce = bool(os.environ.get("SA_ANNOUNCE"))
+    if os.environ.get("SA_COMPACT_MIN"):
+        engine.COMPACT_ROWS_MIN = int(os.environ["SA_COMPACT_MIN"])
+
+    def trap(point):
+        if kind and point.startswith(kind):
+            hits["n"] += 1
+            if hits["n"] == int(nth):
+                sys.stderr.write("TRAPPED\\n")
+                sys.stderr.flush()
+                time.sleep(60)
+
+    append, execute, commit = DuckDBStorage._append, DuckDBStorage._execute, DuckDBStorage._commit
+
+    def _append(self, table, data):
+        append(self, table, data)
+        trap(f"append-{table}")
+
+    def _execute(self, sql, params=()):
+        execute(self, sql, params)
+        trap(sql.split(" WHERE")[0])
+
+    def _commit(self):
+        trap("before-commit")
+        commit(self)
+        if announce:
+            sys.stderr.write("COMMITTED\\n")
+            sys.stderr.flush()
+        trap("after-commit")
+
+    DuckDBStorage._append, DuckDBStorage._execute, DuckDBStorage._commit = _append, _execute, _commit
+    sys.argv = ["settle-arrow", *sys.argv[1:]]
+    app()
+    """
+)
+
+
+def _replay_cmd(harness: Path, market: Path, db: str, window: int) -> list[str]:
+    return [sys.executable, str(harness), "replay", str(market / "trades"), "--refdata", str(market / "refdata"),
+            "--db", db, "--window", str(window), "--quiet"]
+
+
+def _committed_rows(db: str) -> int:
+    if not Path(db).exists():
+        return 0
+    try:
+        with open_target(db) as t:
+            return t.storage.count("trades") + t.storage.count("quarantine")
+    except UserError:  # killed before the schema was committed
+        return 0
+
+
+def _kill_after(cmd: list[str], delay: float, env: dict | None = None) -> bool:
+    """Start `cmd`, SIGKILL it after `delay` s; True if it was killed (not finished)."""
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        _, err = p.communicate(timeout=delay)
+    except subprocess.TimeoutExpired:
+        p.send_signal(signal.SIGKILL)
+        p.communicate()
+        return True
+    assert p.returncode == 0, err.decode()
+    return False
+
+
+def _kill_at_trap(cmd: list[str], trap: str, env_extra: dict | None = None) -> None:
+    env = dict(os.environ, SA_TRAP=trap, **(env_extra or {}))
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        assert p.stderr is not None
+        line = p.stderr.readline()
+        assert line.strip() == b"TRAPPED", f"trap {trap} never reached: {line!r} {p.stderr.read()[-2000:]!r}"
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.communicate()
+
+
+def _finish(cmd: list[str]) -> None:
+    done = subprocess.run(cmd, capture_output=True, env=dict(os.environ, SA_TRAP=":0"), timeout=120)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+
+
+def _check_against(db: str, reference: dict, total_rows: int) -> None:
+    got = snapshot(db)
+    assert_same_tables({n: got[n] for n in RESULT_TABLES}, {n: reference[n] for n in RESULT_TABLES})
+    # Bookkeeping: every input row is in exactly one committed window.
+    cps = got["checkpoints"].filter(got["checkpoints"]["window_id"] > 0)
+    assert cps["rows"].sum() == total_rows
+    assert cps["window_id"].is_unique().all()
+    assert cps.select("source", "offset").is_unique().all()
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("harness") / "sa_harness.py"
+    path.write_text(HARNESS)
+    return path
+
+
+def test_sigkill_at_random_moments(market, reference, harness, tmp_path):
+    db = str(tmp_path / "db.duckdb")
+    total = sum(_rows(f) for f in _files(market))
+    rng = random.Random(SEED)
+    window = 600  # small windows: many commits, so random kills often land inside one
+    cmd = _replay_cmd(harness, market, db, window)
+    # Very early kills by the clock (interpreter start-up, schema creation, opening
+    # holdings) ...
+    for delay in (0.05, 0.5, 0.7):
+        assert _kill_after(cmd, delay, dict(os.environ, SA_TRAP=":0")), "finished before an early kill"
+    # ... then kills at random moments through the run, paced by the process's own
+    # commits so they land mid-run however fast this machine is: after k commits, wait a
+    # random fraction of a window's time and kill (in processing, appends or COMMIT).
+    progress, partial = [_committed_rows(db)], 0
+    for _ in range(6):
+        killed = _kill_after_commits(cmd, rng.randint(1, 6), rng.uniform(0.0, 0.08))
+        progress.append(_committed_rows(db))
+        partial += killed and 0 < progress[-1] < total
+        if not killed:
+            break
+    assert partial >= 3, f"kills should land mid-run (committed rows after each: {progress})"
+    print("committed rows after each kill:", progress)
+    assert progress == sorted(progress), "committed rows never go backwards"
+    _finish(cmd)
+    _check_against(db, reference, total)
+    _finish(cmd)  # and once more: nothing left to do
+    _check_against(db, reference, total)
+
+
+def _kill_after_commits(cmd: list[str], commits: int, delay: float) -> bool:
+    """SIGKILL `cmd` `delay` s after its `commits`-th COMMIT; True if it was killed."""
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         env=dict(os.environ, SA_TRAP=":0", SA_ANNOUNCE="1"))
+    assert p.stderr is not None
+    seen = 0
+    while seen < commits:
+        line = p.stderr.readline()
+        if not line:  # finished (or failed) before that many commits
+            p.wait()
+            assert p.returncode == 0, p.stderr.read()
+            return False
+        seen += line.strip() == b"COMMITTED"
+    time.sleep(delay)
+    p.send_signal(signal.SIGKILL)
+    p.communicate()
+    return p.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize(
+    "traps",
+    [
+        # schema creation; inside a window's transaction after its data, before its
+        # checkpoint row, before COMMIT; right after COMMIT, before in-memory state moves on
+        ["CREATE TABLE IF NOT EXISTS trades:1", "append-trades:3", "append-checkpoints:2",
+         "before-commit:5", "after-commit:4"],
+        # the opening-holdings commit (window 0), then while a window writes source offsets
+        ["append-opening_holdings:1", "append-sources:3", "DELETE FROM sources:7"],
+    ],
+)
+def test_sigkill_mid_commit(market, reference, harness, tmp_path, traps):
+    db = str(tmp_path / "db.duckdb")
+    total = sum(_rows(f) for f in _files(market))
+    cmd = _replay_cmd(harness, market, db, 2000)
+    for trap in traps:
+        _kill_at_trap(cmd, trap)
+    _finish(cmd)
+    _check_against(db, reference, total)
+
+
+def test_sigkill_mid_compaction(market, reference, harness, tmp_path):
+    """Compaction (folding delta tables) forced early and killed half-way: no effect on results."""
+    db = str(tmp_path / "db.duckdb")
+    total = sum(_rows(f) for f in _files(market))
+    cmd = _replay_cmd(harness, market, db, 1000)
+    compact = {"SA_COMPACT_MIN": "300"}  # folds every delta table several times in this run
+    for trap in ("DELETE FROM holdings_delta:2", "DELETE FROM obligations_cash_delta:1"):
+        _kill_at_trap(cmd, trap, compact)
+    done = subprocess.run(cmd, capture_output=True, env=dict(os.environ, SA_TRAP=":0", **compact), timeout=120)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    _check_against(db, reference, total)
+
+
+def test_killed_run_then_rerun_with_other_window(market, reference, harness, tmp_path):
+    """Resume with a different window size (and finally a batch) after kills."""
+    db = str(tmp_path / "db.duckdb")
+    total = sum(_rows(f) for f in _files(market))
+    _kill_at_trap(_replay_cmd(harness, market, db, 700), "append-checkpoints:6")
+    _kill_at_trap(_replay_cmd(harness, market, db, 1300), "before-commit:3")
+    _finish([*_replay_cmd(harness, market, db, 1), "--batch"])
+    _check_against(db, reference, total)
+
+
+def test_sigkill_csv_input(harness, tmp_path):
+    """CSV inputs resume mid-file at the committed row (header and all) after kills."""
+    market = tmp_path / "csv"
+    generate_market(market, MarketSpec(trades=6000, seed=SEED + 1, days=3, bad_rate=0.05, cancel_rate=0.05, fmt="csv"))
+    ref_db = str(tmp_path / "ref.duckdb")
+    report = replay([str(market / "trades")], str(market / "refdata"), ref_db, batch=True)
+    reference = snapshot(ref_db)
+    db = str(tmp_path / "db.duckdb")
+    _kill_at_trap(_replay_cmd(harness, market, db, 700), "append-checkpoints:4")  # inside window 3
+    _kill_at_trap(_replay_cmd(harness, market, db, 333), "before-commit:6")
+    _finish(_replay_cmd(harness, market, db, 1100))
+    _check_against(db, reference, report.rows_read)

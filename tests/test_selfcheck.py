@@ -1,0 +1,223 @@
+"""Self-checks (SPEC §4-5, engine invariants): a faulty stage makes a window fail its
+self-check; nothing of that window is committed, the failure is recorded, and a sound engine
+on the same TARGET resumes and ends with the right tables."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import polars as pl
+import pytest
+from snapshots import RESULT_TABLES, TABLES, assert_same_tables, snapshot
+
+from settle_arrow import SelfCheckError, replay
+from settle_arrow.engine import STAGES, Engine
+from settle_arrow.io.files import discover
+from settle_arrow.refdata import load_refdata
+from settle_arrow.stages.base import Window
+from settle_arrow.stages.clearing import Clear
+from settle_arrow.stages.registration import Register
+from settle_arrow.stages.validate import Validate
+from settle_arrow.storage import open_storage
+
+WINDOW = 500
+FAIL_AT = 4  # window id the faulty stage breaks (window 0 is the opening holdings)
+
+
+@pytest.fixture(scope="module")
+def market(tmp_path_factory) -> Path:
+    from settle_arrow.generate import MarketSpec, generate_market
+
+    out = tmp_path_factory.mktemp("selfcheck")
+    generate_market(out, MarketSpec(trades=4000, seed=5, days=3, bad_rate=0.05, cancel_rate=0.05))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(market, tmp_path_factory) -> dict:
+    db = str(tmp_path_factory.mktemp("ref") / "ref.duckdb")
+    replay([str(market / "trades")], str(market / "refdata"), db, window_rows=WINDOW)
+    return snapshot(db)
+
+
+def _replace(window: Window, **frames: pl.DataFrame) -> Window:
+    return dataclasses.replace(window, frames={**window.frames, **frames})
+
+
+def _first_nonzero(frame: pl.DataFrame, col: str) -> int:
+    return int(frame.with_row_index("i").filter(pl.col(col) != 0)["i"][0])
+
+
+@dataclasses.dataclass(frozen=True)
+class BrokenRegister:
+    """Registers one share out of thin air in window FAIL_AT."""
+
+    name: str = "broken registration"
+
+    def process(self, window, ctx):
+        window = Register().process(window, ctx)
+        if window.window_id != FAIL_AT:
+            return window
+        h = window.frames["holdings_delta"]
+        return _replace(window, holdings_delta=h.with_columns(
+            pl.when(pl.int_range(pl.len()) == 0).then(pl.col("quantity") + 1).otherwise("quantity").alias("quantity")
+        ))
+
+
+@dataclasses.dataclass(frozen=True)
+class LegDroppingClear:
+    """Loses one participant's securities leg in window FAIL_AT."""
+
+    name: str = "leg-dropping clearing"
+
+    def process(self, window, ctx):
+        window = Clear().process(window, ctx)
+        if window.window_id != FAIL_AT:
+            return window
+        sec = window.frames["obligations_securities_delta"]
+        i = _first_nonzero(sec, "net_quantity")
+        return _replace(window, obligations_securities_delta=pl.concat([sec[:i], sec[i + 1:]]))
+
+
+@dataclasses.dataclass(frozen=True)
+class FenLosingClear:
+    """Pays one participant a fen too much in window FAIL_AT."""
+
+    name: str = "fen-losing clearing"
+
+    def process(self, window, ctx):
+        window = Clear().process(window, ctx)
+        if window.window_id != FAIL_AT:
+            return window
+        cash = window.frames["obligations_cash_delta"]
+        one_fen = pl.lit(1, dtype=pl.Int64).cast(cash.schema["net_amount"]) / 100
+        fixed = cash.with_columns(
+            pl.when(pl.int_range(pl.len()) == 0).then(pl.col("net_amount") + one_fen).otherwise("net_amount")
+            .cast(cash.schema["net_amount"]).alias("net_amount")
+        )
+        assert fixed["net_amount"].sum() != cash["net_amount"].sum()
+        return _replace(window, obligations_cash_delta=fixed)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowLosingValidate:
+    """Neither accepts nor quarantines the last input row of window FAIL_AT."""
+
+    name: str = "row-losing validation"
+
+    def process(self, window, ctx):
+        window = Validate().process(window, ctx)
+        if window.window_id != FAIL_AT:
+            return window
+        acc = window.frames["accepted"]
+        return _replace(window, accepted=acc[:-1])
+
+
+FAULTS = {
+    "holdings": ((Validate(), Clear(), BrokenRegister()), r"holdings not conserved"),
+    "securities_leg": ((Validate(), LegDroppingClear(), Register()), r"net securities do not sum to zero"),
+    "cash_fen": ((Validate(), FenLosingClear(), Register()), r"net cash != -fees"),
+    "lost_row": ((RowLosingValidate(), Clear(), Register()), r"rows read \d+ != accepted \d+ \+ quarantined \d+"),
+}
+
+
+def _bookkeeping(storage) -> dict[str, pl.DataFrame]:
+    out = {}
+    for name in ("sources", "self_checks", "meta"):
+        frame = pl.from_arrow(storage.query(f"SELECT * FROM {name}"))
+        assert isinstance(frame, pl.DataFrame)
+        out[name] = frame.sort(frame.columns)
+    return out
+
+
+@pytest.mark.parametrize("resume", ["new_engine", "same_engine"])
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_faulty_stage_fails_window_and_commits_nothing(market, reference, tmp_path, fault, resume):
+    stages, invariant = FAULTS[fault]
+    db = str(tmp_path / "db.duckdb")
+    sources = discover([str(market / "trades")])
+    ref = load_refdata(str(market / "refdata"))
+    storage = open_storage(db)
+    try:
+        engine = Engine(storage, ref, stages=stages)
+        after: list[tuple[dict, dict]] = []  # committed state after each window
+
+        def on_window(rows: int, windows: int) -> None:
+            after.append(({n: storage.table(n) for n in TABLES}, _bookkeeping(storage)))
+
+        with pytest.raises(SelfCheckError, match=rf"window {FAIL_AT} not committed: {invariant}"):
+            engine.run(sources, WINDOW, on_window)
+        assert len(after) == FAIL_AT - 1, "windows before the faulty one committed"
+        tables_before, books_before = after[-1]
+
+        # Nothing of the failing window: every table, checkpoints and source offsets as they
+        # were after the previous window.
+        now = {n: storage.table(n) for n in TABLES}
+        for name in TABLES:
+            assert now[name].equals(tables_before[name]), name
+        assert storage.max_window_id() == FAIL_AT - 1
+        books = _bookkeeping(storage)
+        assert books["sources"].equals(books_before["sources"])
+        assert books["meta"].equals(books_before["meta"])
+        # ... except the record of the failed check.
+        failed = books["self_checks"].filter(pl.col("status") == "FAILED")
+        assert failed.height == 1 and books_before["self_checks"].height == 0
+        row = failed.row(0, named=True)
+        assert row["window_id"] == FAIL_AT
+        assert pl.Series([row["detail"]]).str.contains(invariant).all(), row["detail"]
+
+        # A sound engine on the same TARGET resumes at the failed window and finishes.
+        if resume == "same_engine":  # in-memory state must not have moved either
+            engine.stages = STAGES
+        else:
+            engine = Engine(storage, ref)
+        report = engine.run(sources, WINDOW)
+        assert report.self_check == "OK"
+        assert report.rows_skipped == (FAIL_AT - 1) * WINDOW
+        assert storage.max_window_id() == reference["checkpoints"]["window_id"].max()
+        checks = _bookkeeping(storage)["self_checks"]
+        assert checks.filter(pl.col("status") == "FAILED").height == 1
+        last = pl.from_arrow(storage.query("SELECT status FROM self_checks ORDER BY checked_at DESC LIMIT 1"))
+        assert last["status"].to_list() == ["OK"]
+    finally:
+        storage.close()
+    got = snapshot(db)
+    assert_same_tables({n: got[n] for n in RESULT_TABLES}, {n: reference[n] for n in RESULT_TABLES})
+    # Same windows as the uninterrupted run, so even the checkpoint digests agree.
+    cols = ["window_id", "source", "offset", "rows", "digest"]
+    assert got["checkpoints"].select(cols).equals(reference["checkpoints"].select(cols))
+
+
+def test_cli_exit_3_on_failed_self_check(market, reference, tmp_path):
+    """The CLI turns a failed self-check into exit 3 and one `error:` line naming it."""
+    db = tmp_path / "db.duckdb"
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from settle_arrow import checks
+        from settle_arrow.cli import app
+
+        real = checks.window_violations
+        checks.window_violations = lambda w: ["injected: books do not balance"] if w.window_id == 2 else real(w)
+        sys.argv = ["settle-arrow", "replay", {str(market / "trades")!r}, "--refdata", {str(market / "refdata")!r},
+                    "--db", {str(db)!r}, "--window", "{WINDOW}"]
+        app()
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 3, res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+    assert res.stderr.strip().splitlines() == ["error: window 2 not committed: injected: books do not balance"]
+    # Then the real CLI resumes and completes.
+    res = subprocess.run(
+        [sys.executable, "-m", "settle_arrow.cli", "replay", str(market / "trades"), "--refdata",
+         str(market / "refdata"), "--db", str(db), "--window", str(WINDOW)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    got = snapshot(str(db))
+    assert_same_tables({n: got[n] for n in RESULT_TABLES}, {n: reference[n] for n in RESULT_TABLES})
