@@ -8,7 +8,7 @@ deltas and each delta satisfies them, the tables satisfy them after every window
   * Σ net_quantity over participants = 0 per (market, trade_date, security);
   * net_quantity = buy_quantity − sell_quantity on every obligation row;
   * Σ net_amount over participants = −Σ fees per (market, trade_date);
-  * Σ holdings delta = 0 per (market, security) (trades conserve holdings).
+  * Σ holdings delta = 0 per security (trades conserve holdings).
 The same invariants over whole tables are checked by storage.verify() at the end of a run.
 """
 
@@ -54,7 +54,7 @@ def window_violations(window: Window) -> list[str]:
         out.append(f"net cash != -fees: {_first(bad)}")
 
     hold = f["holdings_delta"]
-    bad = hold.group_by("market", "security_id").agg(pl.col("quantity").sum()).filter(pl.col("quantity") != 0)
+    bad = hold.group_by("sec_idx").agg(pl.col("quantity").sum()).filter(pl.col("quantity") != 0)
     if bad.height:
         out.append(f"holdings not conserved: {_first(bad)}")
     return out

@@ -38,7 +38,9 @@ from settle_arrow.storage import Storage, open_storage
 
 WINDOW_ROWS_DEFAULT = 100_000
 WINDOW_ROWS_MAX = 50_000_000
-# A delta table is folded when it has grown by this factor over its last folded size.
+# A delta table is folded when it has grown by this factor over its last folded size; the
+# holdings snapshot is rewritten when the trade legs since it outnumber its rows likewise.
+# Both keep the cost amortised O(1) per row and the views' read cost O(state).
 COMPACT_GROWTH = 2
 COMPACT_ROWS_MIN = 2_000_000
 STAGES: tuple[Stage, ...] = (Validate(), Clear(), Register())
@@ -169,21 +171,14 @@ class Engine:
         self.state = recover(storage, refdata)
         self._delta_rows = {name: storage.count(name) for name in schema.DELTAS}
         self._folded_rows = dict(self._delta_rows)
+        self._legs_since_snapshot = 2 * storage.trade_rows_since_snapshot()
 
     def _init_opening(self) -> None:
         meta = self.storage.meta()
         digest = meta.get("opening_digest")
         if digest is None:
             opening = self.refdata.tables["holdings"].select(schema.OUTPUT["holdings"].names).to_arrow()
-            window_id = self.storage.max_window_id()
-            self.storage.commit_window(
-                window_id=window_id,
-                appends={},
-                checkpoint={"source": "(opening holdings)", "offset": 0, "rows": opening.num_rows, "digest": self.refdata.opening_digest[:16]},
-                sources=(),
-                meta={"opening_digest": self.refdata.opening_digest},
-                extra={"opening_holdings": opening},
-            )
+            self.storage.init_opening(opening, self.refdata.opening_digest)
         elif digest != self.refdata.opening_digest:
             raise RefDataError(
                 f"reference holdings differ from the opening holdings {self.storage.url} was started with"
@@ -261,6 +256,10 @@ class Engine:
             self._delta_rows[name] += window.frames[name].height
             if self._delta_rows[name] > max(COMPACT_ROWS_MIN, COMPACT_GROWTH * self._folded_rows[name]):
                 self._folded_rows[name] = self._delta_rows[name] = self.storage.compact(name)
+        self._legs_since_snapshot += 2 * window.frames["trades"].height
+        if self._legs_since_snapshot > max(COMPACT_ROWS_MIN, COMPACT_GROWTH * len(self.state.holdings)):
+            self.storage.snapshot_holdings(window.window_id)
+            self._legs_since_snapshot = 0
 
 
 def replay(

@@ -276,16 +276,17 @@ def _with_window(s: pa.Schema) -> pa.Schema:
     return s.append(pa.field("window_id", pa.int64()))
 
 
-# Physical tables of a TARGET. Output tables that are sums (obligations, holdings) are
-# stored as append-only deltas and read through the views in sql/views.sql; the rest are
-# appended as they are. `window_id` ties every appended row to the window that wrote it.
+# Physical tables of a TARGET. Obligations are stored as append-only per-window deltas and
+# holdings as a periodic snapshot plus the legs of the trades committed after it; both are
+# read through the views in sql/views.sql. `window_id` ties every appended row to the
+# window that wrote it (for holdings_snapshot: the window the snapshot is as of).
 STORAGE = {
     "trades": _with_window(OUTPUT["trades"]),
     "quarantine": _with_window(OUTPUT["quarantine"]),
     "exceptions": _with_window(OUTPUT["exceptions"]),
     "obligations_securities_delta": _with_window(OUTPUT["obligations_securities"]),
     "obligations_cash_delta": _with_window(OUTPUT["obligations_cash"]),
-    "holdings_delta": _with_window(OUTPUT["holdings"]),
+    "holdings_snapshot": _with_window(OUTPUT["holdings"]),
     "opening_holdings": OUTPUT["holdings"],
     "checkpoints": OUTPUT["checkpoints"],
     # Exactly-once bookkeeping: how far each input file has been committed.
@@ -314,8 +315,9 @@ WINDOW_APPENDS = (
     "exceptions",
     "obligations_securities_delta",
     "obligations_cash_delta",
-    "holdings_delta",
 )
+# meta key naming the window holdings_snapshot is as of (read by the holdings view).
+HOLDINGS_SNAPSHOT_KEY = "holdings_snapshot_window"
 # Delta table -> (key columns, summed columns), for compaction.
 DELTAS = {
     "obligations_securities_delta": (KEYS["obligations_securities"], ("net_quantity", "buy_quantity", "sell_quantity")),
@@ -323,5 +325,4 @@ DELTAS = {
         KEYS["obligations_cash"],
         ("net_amount", "buy_amount", "sell_amount", *FEE_COLUMNS.values()),
     ),
-    "holdings_delta": (KEYS["holdings"], ("quantity",)),
 }

@@ -26,12 +26,22 @@ HAVING SUM(net_amount) <> 0 OR SUM(buy_amount) <> 0 OR SUM(sell_amount) <> 0
     OR SUM(stamp_duty) <> 0 OR SUM(handling_fee) <> 0 OR SUM(management_fee) <> 0
     OR SUM(transfer_fee) <> 0;
 
+-- Holdings: the last snapshot plus both legs of every trade committed after it. The
+-- engine rewrites the snapshot when the trades since it outgrow it (no per-window writes).
 CREATE OR REPLACE VIEW holdings AS
 SELECT account_id, market, security_id, CAST(SUM(quantity) AS BIGINT) AS quantity
 FROM (
-  SELECT account_id, market, security_id, quantity FROM opening_holdings
+  SELECT account_id, market, security_id, quantity FROM holdings_snapshot
   UNION ALL
-  SELECT account_id, market, security_id, quantity FROM holdings_delta
+  SELECT buy_account, market, security_id,
+         CASE WHEN record_type = 'N' THEN quantity ELSE -quantity END
+  FROM trades
+  WHERE window_id > (SELECT CAST(value AS BIGINT) FROM meta WHERE key = 'holdings_snapshot_window')
+  UNION ALL
+  SELECT sell_account, market, security_id,
+         CASE WHEN record_type = 'N' THEN -quantity ELSE quantity END
+  FROM trades
+  WHERE window_id > (SELECT CAST(value AS BIGINT) FROM meta WHERE key = 'holdings_snapshot_window')
 ) h
 GROUP BY account_id, market, security_id
 HAVING SUM(quantity) <> 0;

@@ -2,8 +2,8 @@
 
 Data model:
   in   frames["cleared"] (sign, quantity, acct ids, sec_idx, trade_date, participants)
-  out  frames["holdings_delta"]: (account_id, market, security_id) -> Σ signed quantity of
-       this window; holdings = opening + Σ deltas (a storage view)
+  out  frames["holdings_delta"]: (acct_idx, sec_idx) -> Σ signed quantity of this window
+       (for self-checks; storage derives holdings from the trades themselves)
        frames["exceptions"]: NEGATIVE_HOLDING, once per (account, security, trade_date)
        effects: EngineState.holdings += deltas; reported exception keys
 
@@ -32,7 +32,7 @@ class Register:
     name: str = "registration"
 
     def process(self, window: Window, ctx: StageContext) -> Window:
-        ref, state = ctx.refdata, ctx.state
+        state = ctx.state
         c = window.frames["cleared"]
         n = c.height
         qty = c["quantity"].to_numpy() * c["sign"].cast(pl.Int64).to_numpy()
@@ -59,18 +59,9 @@ class Register:
         neg_sorted = (d_sorted < 0) & (running < 0)
 
         exceptions = self._exceptions(ctx, c, order[neg_sorted], running[neg_sorted])
-        hold = pl.DataFrame(
-            {
-                "acct_idx": uniq // state.n_sec,
-                "sec_idx": (uniq % state.n_sec).astype(np.int32),
-                "quantity": sums,
-            }
-        ).filter(pl.col("quantity") != 0)
-        accounts = ref.account_index.values(hold["acct_idx"].to_numpy())
-        sec_info = ref.securities.select("market", "security_id")[hold["sec_idx"].to_numpy()]
-        holdings_delta = pl.concat(
-            [pl.DataFrame({"account_id": accounts}), sec_info, hold.select("quantity")], how="horizontal"
-        ).select(schema.OUTPUT["holdings"].names)
+        holdings_delta = pl.DataFrame(
+            {"acct_idx": uniq // state.n_sec, "sec_idx": (uniq % state.n_sec).astype(np.int32), "quantity": sums}
+        )
 
         new_reported = exceptions["__key"].to_numpy() if exceptions.height else np.empty(0, np.int64)
 

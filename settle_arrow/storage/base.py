@@ -124,16 +124,24 @@ class Storage(abc.ABC):
             return
         self._begin()
         try:
-            for name, s in schema.STORAGE.items():
-                cols = ", ".join(f'"{f.name}" {sql_type(f.type)}' for f in s)
-                self._execute(f"CREATE TABLE IF NOT EXISTS {name} ({cols})")
-            for stmt in statements("views.sql"):
-                self._execute(stmt)
-            self._append("meta", pa.table({"key": ["schema_version"], "value": [str(schema.SCHEMA_VERSION)]}))
+            self._create_schema()
             self._commit()
         except BaseException:
             self._rollback()
             raise
+
+    def _create_schema(self) -> None:
+        """Tables, views and the schema_version row, inside the caller's transaction."""
+        for name, s in schema.STORAGE.items():
+            cols = ", ".join(f'"{f.name}" {self._column_type(f.type)}' for f in s)
+            self._execute(f"CREATE TABLE IF NOT EXISTS {name} ({cols})")
+        for stmt in statements("views.sql"):
+            self._execute(stmt)
+        self._append("meta", pa.table({"key": ["schema_version"], "value": [str(schema.SCHEMA_VERSION)]}))
+
+    def _column_type(self, t: pa.DataType) -> str:
+        """DDL type of a stored column; a backend may refine it (PostgreSQL: byte-order collation)."""
+        return sql_type(t)
 
     def require_initialised(self) -> None:
         if not self.is_initialised():
@@ -178,6 +186,7 @@ class Storage(abc.ABC):
         sources: Iterable[tuple[str, int, int]],
         meta: Mapping[str, str] | None = None,
         extra: Mapping[str, pa.Table] | None = None,
+        statements: tuple[str, ...] = (),
     ) -> None:
         """One transaction: appends (+window_id), checkpoint row, source offsets, meta."""
         self._begin()
@@ -190,6 +199,8 @@ class Storage(abc.ABC):
             for name, data in (extra or {}).items():
                 if data.num_rows:
                     self._append(name, conform(data, schema.STORAGE[name]))
+            for stmt in statements:
+                self._execute(stmt)
             for src, size, rows_done in sources:
                 self._execute("DELETE FROM sources WHERE source = ?", (src,))
                 self._append(
@@ -228,6 +239,44 @@ class Storage(abc.ABC):
             self._rollback()
             raise
         return folded.num_rows
+
+    def init_opening(self, opening: pa.Table, digest: str) -> None:
+        """One transaction: opening holdings, the first holdings snapshot, checkpoint 0."""
+        window_id = self.max_window_id()
+        cols = ", ".join(f'"{c}"' for c in schema.OUTPUT["holdings"].names)
+        self.commit_window(
+            window_id=window_id,
+            appends={},
+            checkpoint={"source": "(opening holdings)", "offset": 0, "rows": opening.num_rows, "digest": digest[:16]},
+            sources=(),
+            meta={"opening_digest": digest, schema.HOLDINGS_SNAPSHOT_KEY: str(window_id)},
+            extra={"opening_holdings": opening},
+            # The snapshot is a copy made inside the database: no second transfer of the rows.
+            statements=(f"INSERT INTO holdings_snapshot SELECT {cols}, {int(window_id)} FROM opening_holdings",),
+        )
+
+    def snapshot_holdings(self, window_id: int) -> int:
+        """Rewrite holdings_snapshot as the holdings view now (same view contents after)."""
+        assert window_id >= 0
+        cols = ", ".join(f'"{c}"' for c in schema.OUTPUT["holdings"].names)
+        self._begin()
+        try:
+            self._execute(f"CREATE TEMP TABLE __holdings_next AS SELECT {cols} FROM holdings")
+            self._execute("DELETE FROM holdings_snapshot")
+            self._execute(f"INSERT INTO holdings_snapshot SELECT {cols}, {int(window_id)} FROM __holdings_next")
+            self._execute("DROP TABLE __holdings_next")
+            self._execute("DELETE FROM meta WHERE key = ?", (schema.HOLDINGS_SNAPSHOT_KEY,))
+            self._append("meta", pa.table({"key": [schema.HOLDINGS_SNAPSHOT_KEY], "value": [str(window_id)]}))
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+        return self.count("holdings_snapshot")
+
+    def trade_rows_since_snapshot(self) -> int:
+        q = ("SELECT COUNT(*) AS n FROM trades WHERE window_id > "
+             "(SELECT CAST(value AS BIGINT) FROM meta WHERE key = ?)")
+        return int(self._query(q, (schema.HOLDINGS_SNAPSHOT_KEY,))["n"][0].as_py())
 
     def record_self_check(self, window_id: int, problems: list[str]) -> None:
         row = {
