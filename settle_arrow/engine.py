@@ -25,6 +25,7 @@ import polars as pl
 import pyarrow as pa
 
 from settle_arrow import checks, schema
+from settle_arrow.dims import sync_dims, trade_facts
 from settle_arrow.errors import SelfCheckError, UserError
 from settle_arrow.io.files import SourceError, SourceFile, discover, read_batches, read_schema
 from settle_arrow.io.parse import ColumnTypeError, coerce, to_text
@@ -168,7 +169,8 @@ class Engine:
         self.stages = stages
         storage.ensure_schema()
         self._init_opening()
-        self.state = recover(storage, refdata)
+        self.dims = sync_dims(storage, refdata, [])
+        self.state = recover(storage, refdata, self.dims)
         self._delta_rows = {name: storage.count(name) for name in schema.DELTAS}
         self._folded_rows = dict(self._delta_rows)
         self._legs_since_snapshot = 2 * storage.trade_rows_since_snapshot()
@@ -210,6 +212,7 @@ class Engine:
         reasons: Counter[str] = Counter()
         read = accepted = windows = 0
         window_id = self.storage.max_window_id()
+        self.dims = dims = sync_dims(self.storage, self.refdata, [s.url for s in sources])
         for raw in _windows(sources, done, window_rows):
             window_id += 1
             window = self.process(window_id, raw.frame)
@@ -217,7 +220,8 @@ class Engine:
             if problems:
                 self.storage.record_self_check(window_id, problems)
                 raise SelfCheckError(f"window {window_id} not committed: {problems[0]}")
-            appends = {n: window.frames[n].to_arrow() for n in schema.WINDOW_APPENDS}
+            appends = {n: window.frames[n].to_arrow() for n in schema.WINDOW_APPENDS if n != "trade_facts"}
+            appends["trade_facts"] = trade_facts(window.frames["cleared"], self.refdata, dims).to_arrow()
             self.storage.commit_window(
                 window_id,
                 appends,
@@ -256,7 +260,7 @@ class Engine:
             self._delta_rows[name] += window.frames[name].height
             if self._delta_rows[name] > max(COMPACT_ROWS_MIN, COMPACT_GROWTH * self._folded_rows[name]):
                 self._folded_rows[name] = self._delta_rows[name] = self.storage.compact(name)
-        self._legs_since_snapshot += 2 * window.frames["trades"].height
+        self._legs_since_snapshot += 2 * window.frames["cleared"].height
         if self._legs_since_snapshot > max(COMPACT_ROWS_MIN, COMPACT_GROWTH * len(self.state.holdings)):
             self.storage.snapshot_holdings(window.window_id)
             self._legs_since_snapshot = 0

@@ -1,8 +1,9 @@
 """Rebuild EngineState from a TARGET's committed tables: the state is never the only copy.
 
-Data model: storage tables -> EngineState (see state.py): seen keys from trades and
-quarantine, accepted N trades and cancellations from trades, holdings from the holdings
-view, reported exceptions from exceptions.
+Data model: storage tables -> EngineState (see state.py): seen keys from trade_facts and
+quarantine, accepted N trades and cancellations from trade_facts (integer ids mapped back
+to reference rows through dims.DimIds), holdings from the holdings view, reported
+exceptions from exceptions.
 
 Invariant: the rebuilt state equals the state the writer held right after its last
 committed window, so a restart after SIGKILL continues exactly where the database stands.
@@ -15,6 +16,7 @@ import polars as pl
 import pyarrow as pa
 
 from settle_arrow import schema
+from settle_arrow.dims import DimIds
 from settle_arrow.io.parse import coerce
 from settle_arrow.refdata import RefData
 from settle_arrow.state import DAY0, DAY_BITS, ODD_KEY_SCHEMA, EngineState, trade_keys
@@ -27,32 +29,37 @@ def _frame(t: pa.Table) -> pl.DataFrame:
     return out
 
 
-def _encode_trades(ref: RefData, t: pl.DataFrame) -> dict[str, np.ndarray]:
-    sec = t.join(ref.securities.select("market", "security_id", "sec_idx"), on=["market", "security_id"],
-                 how="left", maintain_order="left")["sec_idx"]
-    return {
-        "sec_idx": sec.fill_null(-1).cast(pl.Int32).to_numpy(),
-        "price_milli": (t["price"] * 1000).cast(pl.Int64).to_numpy(),
-        "quantity": t["quantity"].to_numpy(),
-        "buy_acct_idx": ref.account_index.lookup(t["buy_account"]),
-        "sell_acct_idx": ref.account_index.lookup(t["sell_account"]),
-        "buy_unit_idx": ref.unit_index.lookup(t["buy_unit"]),
-        "sell_unit_idx": ref.unit_index.lookup(t["sell_unit"]),
-    }
+def _to_ref(inverse: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """database ids -> reference row indices (-1 for keys the reference data no longer has)."""
+    inside = ids < len(inverse)
+    return np.where(inside, inverse[np.where(inside, ids, 0)], -1)
 
 
-def recover(storage: Storage, ref: RefData) -> EngineState:
+def recover(storage: Storage, ref: RefData, dims: DimIds) -> EngineState:
     state = EngineState(n_sec=max(1, ref.securities.height))
 
-    trades = _frame(storage.query(
-        "SELECT market, trade_date, trade_id, record_type, ref_trade_id, security_id, price, quantity, "
-        "buy_account, sell_account, buy_unit, sell_unit FROM trades"
+    facts = _frame(storage.query(
+        "SELECT trade_date, trade_id, sign, ref_trade_id, sec_id, price, quantity, buy_account_id, "
+        "sell_account_id, buy_unit_id, sell_unit_id FROM trade_facts"
     ))
-    keys, ok = trade_keys(trades["market"], trades["trade_date"], trades["trade_id"])
+    markets = _frame(storage.query("SELECT id, market FROM dim_security ORDER BY id"))
+    market_of = np.full(int(markets["id"].max()) + 1 if markets.height else 0, None, dtype=object)
+    market_of[markets["id"].to_numpy()] = markets["market"].to_numpy()
+    market = pl.Series(market_of[facts["sec_id"].to_numpy()] if facts.height else [], dtype=pl.String)
+    keys, ok = trade_keys(market, facts["trade_date"], facts["trade_id"])
     assert ok.all(), "accepted trades always have packable keys"
-    n = (trades["record_type"] == "N").to_numpy()
-    state.accepted.insert(keys[n], _encode_trades(ref, trades.filter(pl.Series(n))))
-    refs, ok = trade_keys(trades["market"], trades["trade_date"], trades["ref_trade_id"])
+    n = (facts["sign"] == 1).to_numpy()
+    acc = {
+        "sec_idx": _to_ref(DimIds.inverse(dims.security), facts["sec_id"].to_numpy()),
+        "price_milli": (facts["price"] * 1000).cast(pl.Int64).to_numpy(),
+        "quantity": facts["quantity"].to_numpy(),
+        **{f"{side}_acct_idx": _to_ref(DimIds.inverse(dims.account), facts[f"{side}_account_id"].to_numpy())
+           for side in ("buy", "sell")},
+        **{f"{side}_unit_idx": _to_ref(DimIds.inverse(dims.unit), facts[f"{side}_unit_id"].to_numpy())
+           for side in ("buy", "sell")},
+    }
+    state.accepted.insert(keys[n], {k: v[n] for k, v in acc.items()})
+    refs, _ = trade_keys(market, facts["trade_date"], facts["ref_trade_id"])
     state.cancelled.insert(refs[~n])
 
     # Quarantined rows count as seen when their key fields parse (SPEC §3 DUPLICATE_TRADE).

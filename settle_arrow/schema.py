@@ -280,8 +280,49 @@ def _with_window(s: pa.Schema) -> pa.Schema:
 # holdings as a periodic snapshot plus the legs of the trades committed after it; both are
 # read through the views in sql/views.sql. `window_id` ties every appended row to the
 # window that wrote it (for holdings_snapshot: the window the snapshot is as of).
+# Trade detail is the bulk of what a window writes: it is stored with every string key
+# dictionary-encoded to an integer id (dim_* tables, append-only, ids never reused), which
+# cuts a window's write ~4x (measured); the `trades` view joins the strings back.
+_FEE_FIELDS = [(f"{side}_{col}", MONEY) for side in ("buy", "sell") for col in FEE_COLUMNS.values()]
 STORAGE = {
-    "trades": _with_window(OUTPUT["trades"]),
+    "trade_facts": pa.schema(
+        [
+            ("trade_date", pa.date32()),
+            ("trade_id", pa.int64()),
+            ("sign", pa.int8()),  # +1 N, -1 X
+            ("ref_trade_id", pa.int64()),
+            ("trade_time", pa.time64("us")),
+            ("sec_id", pa.int32()),
+            ("price", PRICE),
+            ("quantity", pa.int64()),
+            ("buy_account_id", pa.int32()),
+            ("sell_account_id", pa.int32()),
+            ("buy_unit_id", pa.int32()),
+            ("sell_unit_id", pa.int32()),
+            ("buy_participant_id", pa.int32()),
+            ("sell_participant_id", pa.int32()),
+            ("amount", MONEY),
+            *_FEE_FIELDS,
+            ("securities_settle_date", pa.date32()),
+            ("cash_settle_date", pa.date32()),
+            ("source_id", pa.int32()),
+            ("source_row", pa.int64()),
+            ("window_id", pa.int64()),
+        ]
+    ),
+    "dim_account": pa.schema([("id", pa.int32()), ("account_id", pa.string())]),
+    "dim_unit": pa.schema([("id", pa.int32()), ("unit_id", pa.string())]),
+    "dim_participant": pa.schema([("id", pa.int32()), ("participant_id", pa.string())]),
+    "dim_security": pa.schema(
+        [
+            ("id", pa.int32()),
+            ("market", pa.string()),
+            ("security_id", pa.string()),
+            ("security_type", pa.string()),
+            ("currency", pa.string()),
+        ]
+    ),
+    "dim_source": pa.schema([("id", pa.int32()), ("source", pa.string())]),
     "quarantine": _with_window(OUTPUT["quarantine"]),
     "exceptions": _with_window(OUTPUT["exceptions"]),
     "obligations_securities_delta": _with_window(OUTPUT["obligations_securities"]),
@@ -310,7 +351,7 @@ STORAGE = {
 }
 # Tables whose rows each window appends (as opposed to bookkeeping the engine rewrites).
 WINDOW_APPENDS = (
-    "trades",
+    "trade_facts",
     "quarantine",
     "exceptions",
     "obligations_securities_delta",

@@ -19,6 +19,6 @@ FROM (
 HAVING SUM(quantity) <> SUM(opening);
 -- name: trades_match_obligations
 SELECT a.q AS trades_quantity, b.q AS obligations_buy_quantity
-FROM (SELECT COALESCE(SUM(CASE WHEN record_type = 'N' THEN quantity ELSE -quantity END), 0) AS q FROM trades) a,
+FROM (SELECT COALESCE(SUM(sign * quantity), 0) AS q FROM trade_facts) a,
      (SELECT COALESCE(SUM(buy_quantity), 0) AS q FROM obligations_securities) b
 WHERE a.q <> b.q;

@@ -28,20 +28,49 @@ HAVING SUM(net_amount) <> 0 OR SUM(buy_amount) <> 0 OR SUM(sell_amount) <> 0
 
 -- Holdings: the last snapshot plus both legs of every trade committed after it. The
 -- engine rewrites the snapshot when the trades since it outgrow it (no per-window writes).
+-- Legs are summed on integer ids first, then their strings joined once per position.
 CREATE OR REPLACE VIEW holdings AS
 SELECT account_id, market, security_id, CAST(SUM(quantity) AS BIGINT) AS quantity
 FROM (
   SELECT account_id, market, security_id, quantity FROM holdings_snapshot
   UNION ALL
-  SELECT buy_account, market, security_id,
-         CASE WHEN record_type = 'N' THEN quantity ELSE -quantity END
-  FROM trades
-  WHERE window_id > (SELECT CAST(value AS BIGINT) FROM meta WHERE key = 'holdings_snapshot_window')
-  UNION ALL
-  SELECT sell_account, market, security_id,
-         CASE WHEN record_type = 'N' THEN -quantity ELSE quantity END
-  FROM trades
-  WHERE window_id > (SELECT CAST(value AS BIGINT) FROM meta WHERE key = 'holdings_snapshot_window')
+  SELECT a.account_id, s.market, s.security_id, l.quantity
+  FROM (
+    SELECT buy_account_id AS account, sec_id, SUM(sign * quantity) AS quantity
+    FROM trade_facts
+    WHERE window_id > (SELECT CAST(value AS BIGINT) FROM meta WHERE key = 'holdings_snapshot_window')
+    GROUP BY buy_account_id, sec_id
+    UNION ALL
+    SELECT sell_account_id, sec_id, -SUM(sign * quantity)
+    FROM trade_facts
+    WHERE window_id > (SELECT CAST(value AS BIGINT) FROM meta WHERE key = 'holdings_snapshot_window')
+    GROUP BY sell_account_id, sec_id
+  ) l
+  JOIN dim_account a ON a.id = l.account
+  JOIN dim_security s ON s.id = l.sec_id
 ) h
 GROUP BY account_id, market, security_id
 HAVING SUM(quantity) <> 0;
+
+-- Trades: integer-keyed facts with their strings joined back from the dimensions.
+CREATE OR REPLACE VIEW trades AS
+SELECT s.market, f.trade_date, f.trade_id,
+       CASE WHEN f.sign = 1 THEN 'N' ELSE 'X' END AS record_type,
+       f.ref_trade_id, f.trade_time, s.security_id, s.security_type, f.price, f.quantity,
+       ba.account_id AS buy_account, sa.account_id AS sell_account,
+       bu.unit_id AS buy_unit, su.unit_id AS sell_unit,
+       bp.participant_id AS buy_participant, sp.participant_id AS sell_participant,
+       f.amount,
+       f.buy_stamp_duty, f.buy_handling_fee, f.buy_management_fee, f.buy_transfer_fee,
+       f.sell_stamp_duty, f.sell_handling_fee, f.sell_management_fee, f.sell_transfer_fee,
+       f.securities_settle_date, f.cash_settle_date, src.source, f.source_row, f.window_id,
+       f.sec_id, f.buy_account_id, f.sell_account_id
+FROM trade_facts f
+JOIN dim_security s ON s.id = f.sec_id
+JOIN dim_account ba ON ba.id = f.buy_account_id
+JOIN dim_account sa ON sa.id = f.sell_account_id
+JOIN dim_unit bu ON bu.id = f.buy_unit_id
+JOIN dim_unit su ON su.id = f.sell_unit_id
+JOIN dim_participant bp ON bp.id = f.buy_participant_id
+JOIN dim_participant sp ON sp.id = f.sell_participant_id
+JOIN dim_source src ON src.id = f.source_id;

@@ -4,7 +4,6 @@ Data model:
   in   frames["accepted"]
   out  frames["cleared"]: accepted + security info, participants, int fen amount and fees
        (signed: an X row carries the negation of its trade), settlement dates
-       frames["trades"]: the trades table rows (SPEC §6)
        frames["obligations_securities_delta"], frames["obligations_cash_delta"]: this
        window's contribution per obligation key; the tables are their sums (storage views)
 
@@ -157,12 +156,6 @@ class Clear:
                 *[pl.lit(0, dtype=pl.Int64).alias(f"{s}_{f}") for s in ("buy", "sell") for f in FEE_COLS],
             )
         t = _settle_dates(ref, t)
-        trades = t.with_columns(
-            money.to_money(pl.col("amount_fen")).alias("amount"),
-            *[money.to_money(pl.col(f"{s}_{f}")).alias(f"{s}_{f}") for s in ("buy", "sell") for f in FEE_COLS],
-        ).select(schema.OUTPUT["trades"].names)
         sec, cash = _obligations(t)
         cash = cash.with_columns(money.to_money(pl.col(c)) for c in cash.columns if cash.schema[c] == pl.Int64)
-        return window.add(
-            cleared=t, trades=trades, obligations_securities_delta=sec, obligations_cash_delta=cash
-        )
+        return window.add(cleared=t, obligations_securities_delta=sec, obligations_cash_delta=cash)

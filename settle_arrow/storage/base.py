@@ -240,6 +240,20 @@ class Storage(abc.ABC):
             raise
         return folded.num_rows
 
+    def append_tables(self, tables: Mapping[str, pa.Table]) -> None:
+        """Append rows to several tables in one transaction (nothing when all are empty)."""
+        if not any(t.num_rows for t in tables.values()):
+            return
+        self._begin()
+        try:
+            for name, data in tables.items():
+                if data.num_rows:
+                    self._append(name, conform(data, schema.STORAGE[name]))
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+
     def init_opening(self, opening: pa.Table, digest: str) -> None:
         """One transaction: opening holdings, the first holdings snapshot, checkpoint 0."""
         window_id = self.max_window_id()
@@ -274,7 +288,7 @@ class Storage(abc.ABC):
         return self.count("holdings_snapshot")
 
     def trade_rows_since_snapshot(self) -> int:
-        q = ("SELECT COUNT(*) AS n FROM trades WHERE window_id > "
+        q = ("SELECT COUNT(*) AS n FROM trade_facts WHERE window_id > "
              "(SELECT CAST(value AS BIGINT) FROM meta WHERE key = ?)")
         return int(self._query(q, (schema.HOLDINGS_SNAPSHOT_KEY,))["n"][0].as_py())
 

@@ -1,0 +1,109 @@
+"""Dictionary encoding of trade detail: string keys <-> stable integer ids in the TARGET.
+
+Data model:
+  dim_account, dim_unit, dim_participant, dim_source: id -> one string key
+  dim_security: id -> (market, security_id, security_type, currency)
+  DimIds: per reference-data row index -> database id (numpy arrays), source URL -> id,
+          and the inverse maps recovery needs (database id -> reference row index).
+
+Invariants: dimension rows are append-only and an id is never reused or re-pointed, so a
+trade_facts row means the same thing forever; ids for new keys are assigned max(id)+1 in
+reference-data order, so the same inputs give the same ids on every backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from settle_arrow import money, schema
+from settle_arrow.refdata import RefData
+from settle_arrow.storage.base import Storage
+
+FEE_COLS = [f"{side}_{col}" for side in ("buy", "sell") for col in schema.FEE_COLUMNS.values()]
+
+
+@dataclasses.dataclass(frozen=True)
+class DimIds:
+    account: np.ndarray  # acct_idx -> id
+    unit: np.ndarray  # unit_idx -> id
+    participant: np.ndarray  # participant row -> id
+    security: np.ndarray  # sec_idx -> id
+    source: dict[str, int]
+
+    @staticmethod
+    def inverse(ids: np.ndarray) -> np.ndarray:
+        """database id -> reference row index (-1 where the reference data lacks it)."""
+        out = np.full(int(ids.max()) + 1 if len(ids) else 0, -1, dtype=np.int64)
+        out[ids] = np.arange(len(ids))
+        return out
+
+
+def _frame(t: pa.Table) -> pl.DataFrame:
+    out = pl.from_arrow(t)
+    assert isinstance(out, pl.DataFrame)
+    return out
+
+
+def _assign(storage: Storage, table: str, keys: pl.DataFrame) -> tuple[np.ndarray, pa.Table]:
+    """ids of `keys` rows in dimension `table`, and the new rows to append for unseen keys."""
+    cols = keys.columns
+    have = _frame(storage.query(f"SELECT * FROM {table}"))
+    joined = keys.with_row_index("__row").join(have, on=cols, how="left", maintain_order="left")
+    missing = joined["id"].is_null()
+    start = int(have["id"].max()) + 1 if have.height else 0
+    joined = joined.with_columns(
+        pl.when(missing).then(missing.cum_sum() - 1 + start).otherwise(pl.col("id")).cast(pl.Int32).alias("id")
+    )
+    new_rows = joined.filter(missing).select(["id", *cols]).to_arrow()
+    ids = joined["id"].to_numpy().astype(np.int32)
+    assert len(np.unique(ids)) == len(ids), f"{table}: two keys share an id"
+    return ids, new_rows
+
+
+def sync_dims(storage: Storage, ref: RefData, sources: list[str]) -> DimIds:
+    """Ids for every reference key and source; unseen ones are added in one transaction."""
+    account, a_new = _assign(storage, "dim_account", ref.accounts.select("account_id"))
+    unit, u_new = _assign(storage, "dim_unit", ref.units.select("unit_id"))
+    part, p_new = _assign(storage, "dim_participant", ref.participants.select("participant_id"))
+    sec, s_new = _assign(
+        storage, "dim_security", ref.securities.select("market", "security_id", "security_type", "currency")
+    )
+    src, src_new = _assign(storage, "dim_source", pl.DataFrame({"source": sources}, schema={"source": pl.String}))
+    storage.append_tables(
+        {"dim_account": a_new, "dim_unit": u_new, "dim_participant": p_new, "dim_security": s_new, "dim_source": src_new}
+    )
+    return DimIds(account, unit, part, sec, dict(zip(sources, src.tolist(), strict=True)))
+
+
+def trade_facts(cleared: pl.DataFrame, ref: RefData, dims: DimIds) -> pl.DataFrame:
+    """The trade_facts rows of a window's cleared trades (storage encoding, no strings)."""
+    take = {
+        "sec_id": dims.security[cleared["sec_idx"].to_numpy()],
+        "buy_account_id": dims.account[cleared["buy_acct_idx"].to_numpy()],
+        "sell_account_id": dims.account[cleared["sell_acct_idx"].to_numpy()],
+        "buy_unit_id": dims.unit[cleared["buy_unit_idx"].to_numpy()],
+        "sell_unit_id": dims.unit[cleared["sell_unit_idx"].to_numpy()],
+        "buy_participant_id": dims.participant[ref.unit_participant[cleared["buy_unit_idx"].to_numpy()]],
+        "sell_participant_id": dims.participant[ref.unit_participant[cleared["sell_unit_idx"].to_numpy()]],
+    }
+    source_id = cleared["source"].replace_strict(dims.source, return_dtype=pl.Int32)
+    return cleared.select(
+        "trade_date",
+        "trade_id",
+        "sign",
+        "ref_trade_id",
+        "trade_time",
+        *[pl.Series(k, v, dtype=pl.Int32) for k, v in take.items()],
+        "price",
+        "quantity",
+        money.to_money(pl.col("amount_fen")).alias("amount"),
+        *[money.to_money(pl.col(c)).alias(c) for c in FEE_COLS],
+        "securities_settle_date",
+        "cash_settle_date",
+        source_id.alias("source_id"),
+        "source_row",
+    )
