@@ -25,7 +25,7 @@ import polars as pl
 import pyarrow as pa
 
 from settle_arrow import checks, schema
-from settle_arrow.dims import sync_dims, trade_facts
+from settle_arrow.dims import sync_dims, trade_facts, with_sources
 from settle_arrow.errors import SelfCheckError, UserError
 from settle_arrow.io.files import SourceError, SourceFile, discover, read_batches, read_schema
 from settle_arrow.io.parse import ColumnTypeError, coerce, to_text
@@ -181,10 +181,18 @@ class Engine:
         if digest is None:
             opening = self.refdata.tables["holdings"].select(schema.OUTPUT["holdings"].names).to_arrow()
             self.storage.init_opening(opening, self.refdata.opening_digest)
-        elif digest != self.refdata.opening_digest:
+        elif digest != self.refdata.opening_digest and not self._same_opening():
             raise RefDataError(
                 f"reference holdings differ from the opening holdings {self.storage.url} was started with"
             )
+
+    def _same_opening(self) -> bool:
+        """Exact comparison with the stored opening holdings (when the fingerprint differs)."""
+        cols = list(schema.OUTPUT["holdings"].names)
+        stored = pl.from_arrow(self.storage.query(f"SELECT {', '.join(cols)} FROM opening_holdings"))
+        assert isinstance(stored, pl.DataFrame)
+        mine = self.refdata.tables["holdings"].select(cols)
+        return stored.sort(cols).equals(mine.sort(cols))
 
     def process(self, window_id: int, frame: pl.DataFrame) -> Window:
         """Run the stages over one window's input rows (no I/O, no state change)."""
@@ -212,7 +220,7 @@ class Engine:
         reasons: Counter[str] = Counter()
         read = accepted = windows = 0
         window_id = self.storage.max_window_id()
-        self.dims = dims = sync_dims(self.storage, self.refdata, [s.url for s in sources])
+        self.dims = dims = with_sources(self.storage, self.dims, [s.url for s in sources])
         for raw in _windows(sources, done, window_rows):
             window_id += 1
             window = self.process(window_id, raw.frame)

@@ -24,6 +24,8 @@ RATE = pa.decimal128(12, 8)
 PER_SHARE = pa.decimal128(18, 6)
 
 MARKETS = ("XSHG", "XSHE")
+# Dense market codes (the 2-bit market field of packed trade keys, see state.trade_keys).
+MARKET_CODES = {m: i for i, m in enumerate(MARKETS)}
 RECORD_TYPES = ("N", "X")
 SECURITY_TYPES = ("A_SHARE", "STAR", "FUND", "ETF", "BOND")
 FEE_CODES = ("STAMP_DUTY", "HANDLING", "MANAGEMENT", "TRANSFER")

@@ -25,10 +25,17 @@ import datetime
 import numpy as np
 import polars as pl
 
+from settle_arrow import schema
+
 DAY0 = (datetime.date(1990, 1, 1) - datetime.date(1970, 1, 1)).days
 TRADE_ID_BITS = 46
 DAY_BITS = 16
-MARKET_CODES = {"XSHG": 0, "XSHE": 1}
+MARKET_CODES = schema.MARKET_CODES
+
+
+def market_codes(market: pl.Series) -> np.ndarray:
+    """MARKET_CODES of each value; -1 for any other market or null."""
+    return market.replace_strict(MARKET_CODES, default=-1, return_dtype=pl.Int64).fill_null(-1).to_numpy()
 
 
 def trade_keys(market: pl.Series, trade_date: pl.Series, trade_id: pl.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -38,7 +45,7 @@ def trade_keys(market: pl.Series, trade_date: pl.Series, trade_id: pl.Series) ->
     those ranges (unknown market, far-off date, huge id) is not packable and is kept exactly
     in EngineState.odd_seen instead; the mask says which rows those are.
     """
-    code = market.replace_strict(MARKET_CODES, default=-1, return_dtype=pl.Int64).to_numpy()
+    code = market_codes(market)
     day = trade_date.cast(pl.Int32).fill_null(-1).to_numpy().astype(np.int64) - DAY0
     tid = trade_id.fill_null(-1).to_numpy().astype(np.int64)
     ok = (

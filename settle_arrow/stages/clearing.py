@@ -92,31 +92,34 @@ def _settle_dates(ref: RefData, t: pl.DataFrame) -> pl.DataFrame:
     return t.join(combos, on=["market", "trade_date", "securities_cycle", "cash_cycle"], how="left", maintain_order="left")
 
 
-def _obligations(c: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _obligations(c: pl.DataFrame, ref: RefData) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Net per obligation key. Grouping runs on integer ids (~3x faster than on the
+    strings, measured); the strings are attached to the few aggregated rows afterwards."""
     sq = pl.col("quantity") * pl.col("sign")
-    legs = [("buy", sq, sq, pl.lit(0, dtype=pl.Int64)), ("sell", -sq, pl.lit(0, dtype=pl.Int64), sq)]
-    sec = pl.concat(
+    zero = pl.lit(0, dtype=pl.Int64)
+    legs = pl.concat(
         [
-            c.select(
-                "market", "trade_date", "securities_settle_date",
-                pl.col(f"{side}_participant").alias("participant_id"), "security_id",
-                net.alias("net_quantity"), buy.alias("buy_quantity"), sell.alias("sell_quantity"),
-            )
-            for side, net, buy, sell in legs
+            c.select("trade_date", "sec_idx", "securities_settle_date", pl.col(f"{side}_part_idx").alias("part"),
+                     net.alias("net_quantity"), buy.alias("buy_quantity"), sell.alias("sell_quantity"))
+            for side, net, buy, sell in (("buy", sq, sq, zero), ("sell", -sq, zero, sq))
         ]
     )
+    sec = legs.group_by("trade_date", "sec_idx", "part").agg(
+        pl.col("securities_settle_date").first(), pl.col("net_quantity", "buy_quantity", "sell_quantity").sum()
+    )
+    names = ref.securities.select("market", "security_id")[sec["sec_idx"].to_numpy()]
     key = list(schema.KEYS["obligations_securities"])
-    sec = sec.group_by(key).agg(pl.col("net_quantity", "buy_quantity", "sell_quantity").sum()).sort(key)
+    sec = pl.concat(
+        [sec, names, ref.participants.select("participant_id")[sec["part"].to_numpy()]], how="horizontal"
+    ).select(schema.OUTPUT["obligations_securities"].names).sort(key)
 
-    zero = pl.lit(0, dtype=pl.Int64)
     cash_legs = []
     for side in ("buy", "sell"):
         fees_total = pl.sum_horizontal([pl.col(f"{side}_{f}") for f in FEE_COLS])
         net = (-pl.col("amount_fen") if side == "buy" else pl.col("amount_fen")) - fees_total
         cash_legs.append(
             c.select(
-                "market", "trade_date", "cash_settle_date",
-                pl.col(f"{side}_participant").alias("participant_id"), "currency",
+                "trade_date", "cash_settle_date", "sec_idx", pl.col(f"{side}_part_idx").alias("part"),
                 net.alias("net_amount"),
                 (pl.col("amount_fen") if side == "buy" else zero).alias("buy_amount"),
                 (pl.col("amount_fen") if side == "sell" else zero).alias("sell_amount"),
@@ -124,10 +127,20 @@ def _obligations(c: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
             )
         )
     money_cols = ["net_amount", "buy_amount", "sell_amount", *FEE_COLS]
+    # Market and currency follow from the security: a first pass per security, a second
+    # over the (much smaller) result per cash key.
+    fine = pl.concat(cash_legs).group_by("trade_date", "cash_settle_date", "sec_idx", "part").agg(
+        pl.col(money_cols).cast(pl.Int128).sum()
+    )
+    fine = pl.concat(
+        [fine, ref.securities.select("market", "currency")[fine["sec_idx"].to_numpy()],
+         ref.participants.select("participant_id")[fine["part"].to_numpy()]],
+        how="horizontal",
+    )
     ckey = list(schema.KEYS["obligations_cash"])
-    cash = pl.concat(cash_legs).group_by(ckey).agg(pl.col(money_cols).cast(pl.Int128).sum()).sort(ckey)
+    cash = fine.group_by(ckey).agg(pl.col(money_cols).sum()).sort(ckey)
     money.check_decimal18(cash, money_cols, "obligations_cash")
-    cash = cash.with_columns(pl.col(money_cols).cast(pl.Int64))
+    cash = cash.with_columns(pl.col(money_cols).cast(pl.Int64)).select(schema.OUTPUT["obligations_cash"].names)
     return sec, cash
 
 
@@ -144,11 +157,14 @@ class Clear:
         fees = _fees(ref, t, amount) if t.height else {}
         sign = t["sign"].cast(pl.Int64).to_numpy()
         parts = ref.participants["participant_id"]
+        buy_part = ref.unit_participant[t["buy_unit_idx"].to_numpy()]
+        sell_part = ref.unit_participant[t["sell_unit_idx"].to_numpy()]
         t = t.with_columns(
             pl.Series("amount_fen", amount * sign),
             *[pl.Series(k, v * sign) for k, v in fees.items()],
-            parts.gather(ref.unit_participant[t["buy_unit_idx"].to_numpy()]).alias("buy_participant"),
-            parts.gather(ref.unit_participant[t["sell_unit_idx"].to_numpy()]).alias("sell_participant"),
+            pl.Series("buy_part_idx", buy_part), pl.Series("sell_part_idx", sell_part),
+            parts.gather(buy_part).alias("buy_participant"),
+            parts.gather(sell_part).alias("sell_participant"),
         )
         if not t.height:
             t = t.with_columns(
@@ -156,6 +172,6 @@ class Clear:
                 *[pl.lit(0, dtype=pl.Int64).alias(f"{s}_{f}") for s in ("buy", "sell") for f in FEE_COLS],
             )
         t = _settle_dates(ref, t)
-        sec, cash = _obligations(t)
+        sec, cash = _obligations(t, ref)
         cash = cash.with_columns(money.to_money(pl.col(c)) for c in cash.columns if cash.schema[c] == pl.Int64)
         return window.add(cleared=t, obligations_securities_delta=sec, obligations_cash_delta=cash)

@@ -22,7 +22,7 @@ import polars as pl
 from settle_arrow import schema
 from settle_arrow.io.parse import coerce, to_text
 from settle_arrow.stages.base import StageContext, Window
-from settle_arrow.state import ACCEPTED_PAYLOAD, ODD_KEY_SCHEMA, TRADE_ID_BITS, trade_keys
+from settle_arrow.state import ACCEPTED_PAYLOAD, ODD_KEY_SCHEMA, TRADE_ID_BITS, market_codes, trade_keys
 
 # Largest trade value the engine accepts, in milli-CNY (10^13 CNY): keeps amount x fee
 # rate products inside int64 (see stages/clearing.py) with a wide margin over any real trade.
@@ -56,16 +56,14 @@ def _schema_detail(typed: pl.DataFrame) -> pl.Expr:
 
 
 def _business_day(ctx: StageContext, market: pl.Series, day: pl.Series) -> np.ndarray:
-    out = np.zeros(len(market), dtype=bool)
-    days = day.cast(pl.Int32).fill_null(-1).to_numpy()
-    markets = market.to_numpy()
-    for m in market.drop_nulls().unique().to_list():
-        cal = ctx.refdata.business_days(m)
-        sel = markets == m
-        if len(cal):
-            pos = np.minimum(np.searchsorted(cal, days[sel]), len(cal) - 1)
-            out[sel] = cal[pos] == days[sel]
-    return out
+    cal = ctx.refdata.calendar_keys
+    if not len(cal):
+        return np.zeros(len(market), dtype=bool)
+    code = market_codes(market)
+    days = day.cast(pl.Int32).fill_null(-1).to_numpy().astype(np.int64)
+    key = (code << 32) | (days & 0xFFFFFFFF)
+    pos = np.minimum(np.searchsorted(cal, key), len(cal) - 1)
+    return (cal[pos] == key) & (code >= 0) & (days >= 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,9 +111,12 @@ class Validate:
                 .fill_null(False)
                 .to_numpy()
             )
-        first = (
-            typed.select(pl.struct("market", "trade_date", "trade_id").is_first_distinct()).to_series().to_numpy()
-        )
+        # First occurrence in the window: packed keys for the common case, exact struct
+        # comparison only for the rare keys that do not pack.
+        first = np.ones(len(typed), dtype=bool)
+        first[packable] = pl.Series(keys[packable]).is_first_distinct().to_numpy()
+        if odd.any():
+            first[odd] = odd_keys.select(pl.struct(list(ODD_KEY_SCHEMA)).is_first_distinct()).to_series().to_numpy()
         duplicate = key_ok & (seen_before | ~first)
 
         flags = pl.DataFrame(
