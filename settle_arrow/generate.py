@@ -93,6 +93,7 @@ from settle_arrow.schema import (
     MONEY,
     PER_SHARE,
     PRICE,
+    QUARANTINE_REASONS,
     RATE,
     REFDATA,
 )
@@ -167,21 +168,9 @@ _CODE_RANGES: dict[tuple[int, int], tuple[tuple[int, int], ...]] = {
 # Row kinds; KIND_NAMES[k] is the SPEC §3 reason of kind k, except GOOD and X_VALID (accepted).
 K_GOOD, K_SCHEMA, K_BAD_QTY, K_BAD_PRICE, K_UNK_SEC, K_UNK_UNIT, K_UNK_ACCT, K_NBD, K_DUP = range(9)
 K_X_VALID, K_X_UNKNOWN, K_X_MISMATCH, K_X_ALREADY = range(9, 13)
-KIND_NAMES = (
-    "GOOD",
-    "SCHEMA",
-    "BAD_QUANTITY",
-    "BAD_PRICE",
-    "UNKNOWN_SECURITY",
-    "UNKNOWN_UNIT",
-    "UNKNOWN_ACCOUNT",
-    "NOT_BUSINESS_DAY",
-    "DUPLICATE_TRADE",
-    "X_VALID",
-    "UNKNOWN_REF",
-    "REF_MISMATCH",
-    "ALREADY_CANCELLED",
-)
+# SPEC §3 orders the row checks before the cancellation checks, as the kinds are here.
+KIND_NAMES = ("GOOD", *QUARANTINE_REASONS[:8], "X_VALID", *QUARANTINE_REASONS[8:])
+assert KIND_NAMES[K_DUP] == "DUPLICATE_TRADE" and KIND_NAMES[K_X_ALREADY] == "ALREADY_CANCELLED"
 _BAD_KINDS = (K_SCHEMA, K_BAD_QTY, K_BAD_PRICE, K_UNK_SEC, K_UNK_UNIT, K_UNK_ACCT, K_NBD, K_DUP)
 
 # SCHEMA variants: 0..11 null one required column; 12 record_type 'Z'; 13.. CSV-only text.
