@@ -2,14 +2,16 @@
 bare DuckDB GROUP BY floor on the same Parquet files, in one run.
 
 Data model: a generated market (generate.py) -> one measurement per mode, each replay in a
-fresh subprocess (so its peak RSS is its own) into a fresh DuckDB file -> a table printed
-and returned as a list of dicts.
+fresh subprocess (so its peak RSS is its own) into a fresh TARGET -> a table printed and
+returned as a list of dicts. `db_kind="postgresql"` replays into PostgreSQL instead: a new
+database on the server of `pg_url` (dropped afterwards), one schema per mode.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import resource
 import shutil
 import statistics
@@ -34,10 +36,12 @@ class BenchSpec:
     batch: bool = True
     out_dir: str = "bench_out"
     seed: int = 1
+    db_kind: str = "duckdb"  # or "postgresql"
+    pg_url: str = "postgresql://postgres@127.0.0.1:5432/test"
 
     @staticmethod
-    def quick(out_dir: str = "bench_out") -> BenchSpec:
-        return BenchSpec(trades=300_000, accounts=100_000, securities=500, days=2, out_dir=out_dir)
+    def quick(out_dir: str = "bench_out", **kw) -> BenchSpec:
+        return BenchSpec(trades=300_000, accounts=100_000, securities=500, days=2, out_dir=out_dir, **kw)
 
 
 def floor_groupby(trade_glob: str, refdata: str) -> dict:
@@ -85,18 +89,33 @@ def run(spec: BenchSpec, echo=print) -> list[dict]:
     echo(f"generated {summary.rows:,} trades in {time.perf_counter() - started:.1f}s into {market}")
     results = [floor_groupby(str(market / "trades" / "*.parquet"), summary.refdata_dir)]
     modes: list[int | None] = [*spec.windows, *([None] if spec.batch else [])]
-    for window in modes:
-        db = out / f"bench_{window or 'batch'}.duckdb"
-        db.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "settle_arrow.bench", str(market / "trades"), summary.refdata_dir, str(db),
-               str(window or 0)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode:
-            raise RuntimeError(f"benchmark replay failed: {proc.stderr.strip().splitlines()[-1:]}")
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
-        r["mode"] = f"replay --window {window:,}" if window else "replay --batch"
-        results.append(r)
-        db.unlink(missing_ok=True)
+    if spec.db_kind not in ("duckdb", "postgresql"):
+        raise ValueError(f"unknown --db-kind {spec.db_kind!r} (duckdb or postgresql)")
+    pg_db = None
+    if spec.db_kind == "postgresql":
+        from settle_arrow.storage.postgres import create_database, drop_database
+
+        pg_db = f"settle_bench_{os.getpid()}"
+        drop_database(spec.pg_url, pg_db)
+        pg_url = create_database(spec.pg_url, pg_db)
+    try:
+        for window in modes:
+            name = f"bench_{window or 'batch'}"
+            db = out / f"{name}.duckdb"
+            db.unlink(missing_ok=True)
+            target = f"{pg_url}?schema={name}" if pg_db else str(db)
+            cmd = [sys.executable, "-m", "settle_arrow.bench", str(market / "trades"), summary.refdata_dir, target,
+                   str(window or 0)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if proc.returncode:
+                raise RuntimeError(f"benchmark replay failed: {proc.stderr.strip().splitlines()[-1:]}")
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            r["mode"] = (f"replay --window {window:,}" if window else "replay --batch") + f" ({spec.db_kind})"
+            results.append(r)
+            db.unlink(missing_ok=True)
+    finally:
+        if pg_db:
+            drop_database(spec.pg_url, pg_db)
     floor = results[0]["rows"] / results[0]["seconds"]
     for r in results:
         r["trades_per_s"] = r["rows"] / r["seconds"]

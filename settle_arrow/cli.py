@@ -1,7 +1,10 @@
 """`settle-arrow` command line: thin commands over the library API.
 
 Exit codes: 0 success; 2 a user mistake (one-line message, no traceback); 3 a self-check
-failed (nothing of the failing window was committed).
+failed (nothing of the failing window was committed); 4 the TARGET's database failed during
+the run, e.g. a dropped PostgreSQL connection (one line; run the command again to continue).
+
+TARGET: a DuckDB file path, or postgresql://user@host:port/db[?schema=NAME].
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from settle_arrow.engine import WINDOW_ROWS_DEFAULT, ReplayReport, replay
-from settle_arrow.errors import SelfCheckError, UserError
+from settle_arrow.errors import SelfCheckError, StorageError, UserError
 from settle_arrow.io.files import SourceFile
-from settle_arrow.target import open_target
+from settle_arrow.target import copy_target, open_target
 
+TARGET_HELP = "TARGET: a DuckDB file path, or postgresql://user@host:port/db[?schema=NAME]"
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Arrow-native securities clearing and settlement.")
 out = Console()
 err = Console(stderr=True)
@@ -41,6 +45,8 @@ def _guard(fn, *args, **kwargs):
         raise _fail(exc, 2) from None
     except SelfCheckError as exc:
         raise _fail(exc, 3) from None
+    except StorageError as exc:
+        raise _fail(exc, 4) from None
 
 
 @app.command()
@@ -97,7 +103,7 @@ def _print_report(r: ReplayReport) -> None:
 def replay_cmd(
     paths: Annotated[list[str], typer.Argument(help="trade files, directories, globs or fsspec URLs")],
     refdata: Annotated[str, typer.Option(help="reference data directory")],
-    db: Annotated[str, typer.Option(help="TARGET: a DuckDB file path")],
+    db: Annotated[str, typer.Option(help=TARGET_HELP)],
     window: Annotated[int, typer.Option(help="rows per streaming window")] = WINDOW_ROWS_DEFAULT,
     batch: Annotated[bool, typer.Option("--batch", help="the whole input as one end-of-day window")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
@@ -126,7 +132,7 @@ def replay_cmd(
 @app.command()
 def export(
     table: Annotated[str, typer.Argument(help="trades, quarantine, obligations_securities, obligations_cash, holdings, exceptions, checkpoints")],
-    db: Annotated[str, typer.Option(help="TARGET")],
+    db: Annotated[str, typer.Option(help=TARGET_HELP)],
     out_file: Annotated[str, typer.Option("--out", help="output file, .parquet or .csv")],
 ) -> None:
     """Write one table to Parquet or CSV, sorted by its key (SPEC §6)."""
@@ -141,18 +147,20 @@ def export(
 
 @app.command()
 def status(
-    db: Annotated[str, typer.Option(help="TARGET")],
+    db: Annotated[str, typer.Option(help=TARGET_HELP)],
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    digest: Annotated[bool, typer.Option("--digest", help="also a content digest per table, equal on every backend")] = False,
 ) -> None:
     """Checkpoints, row counts per table and the last self-check of TARGET."""
 
     def run():
-        with open_target(db) as target:
-            return target.status()
+        with open_target(db) as target, target.snapshot():
+            return target.status(), (target.digest() if digest else {})
 
-    s = _guard(run)
+    s, digests = _guard(run)
     if as_json:
-        sys.stdout.write(json.dumps(s.__dict__, default=str, indent=2) + "\n")
+        body = dict(s.__dict__, **({"digests": digests} if digest else {}))
+        sys.stdout.write(json.dumps(body, default=str, indent=2) + "\n")
         return
     t = Table(title=f"status of {escape(s.target)}", show_header=False)
     t.add_row("windows committed", f"{s.windows:,}")
@@ -165,7 +173,33 @@ def status(
         t.add_row("source", f"{escape(src['source'])}: {src['rows_done']:,} rows committed")
     chk = s.last_self_check
     t.add_row("last self-check", f"{chk['status']} at {chk['checked_at']} {escape(chk['detail'] or '')}" if chk else "never")
+    for name, d in digests.items():
+        t.add_row(f"digest of {name}", d)
     out.print(t)
+
+
+@app.command()
+def copy(
+    src: Annotated[str, typer.Option("--from", help="TARGET to copy")],
+    dst: Annotated[str, typer.Option("--to", help="new or empty TARGET to copy into")],
+    verify: Annotated[bool, typer.Option(help="compare the content digests of both afterwards")] = True,
+) -> None:
+    """Copy a TARGET to another backend (DuckDB <-> PostgreSQL): every table, one transaction."""
+
+    def run():
+        rows = copy_target(src, dst)
+        if not verify:
+            return rows, None
+        with open_target(src) as a, open_target(dst) as b:
+            da, db_ = a.digest(), b.digest()
+        bad = [n for n in da if da[n] != db_[n]]
+        if bad:
+            raise StorageError(f"copy finished but the digest of {bad[0]} differs between {src} and {dst}")
+        return rows, da
+
+    rows, digests = _guard(run)
+    out.print(f"copied {sum(rows.values()):,} rows in {len(rows)} tables from {escape(src)} to {escape(dst)}"
+              + (f"; the digests of all {len(digests)} tables match" if digests else ""))
 
 
 @app.command()
@@ -176,6 +210,9 @@ def bench(
     holdings: Annotated[int | None, typer.Option(help="opening holdings rows (default about 2 per account)")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="a small scale that finishes in well under a minute")] = False,
     out_dir: Annotated[str, typer.Option(help="scratch directory")] = "bench_out",
+    db_kind: Annotated[str, typer.Option(help="replay into duckdb (a file) or postgresql (a new database)")] = "duckdb",
+    pg_url: Annotated[str, typer.Option(help="PostgreSQL server for --db-kind postgresql (a new database is made there)")]
+    = "postgresql://postgres@127.0.0.1:5432/test",
 ) -> None:
     """Benchmark: trades/s per window size and --batch, window latency, peak RSS, DuckDB floor."""
     import os
@@ -184,8 +221,11 @@ def bench(
     from settle_arrow.bench import BenchSpec
     from settle_arrow.bench import run as run_bench
 
-    spec = BenchSpec.quick(out_dir) if quick else BenchSpec(
-        trades=trades, accounts=accounts, securities=securities, holdings=holdings, out_dir=out_dir)
+    if db_kind not in ("duckdb", "postgresql"):
+        raise _fail(UserError(f"unknown --db-kind {db_kind!r} (duckdb or postgresql)"), 2)
+    kind = {"db_kind": db_kind, "pg_url": pg_url}
+    spec = BenchSpec.quick(out_dir, **kind) if quick else BenchSpec(
+        trades=trades, accounts=accounts, securities=securities, holdings=holdings, out_dir=out_dir, **kind)
     out.print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
               f"{spec.trades:,} trades, {spec.accounts:,} accounts, {spec.securities:,} securities")
     results = _guard(run_bench, spec, echo=out.print)

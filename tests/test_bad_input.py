@@ -59,9 +59,9 @@ def url(path: Path) -> str:
     return f"file://{path}"
 
 
-def run(ref: str, files: list[Path], db: Path, **kw):
-    report = replay([str(f) for f in files], ref, str(db), **kw)
-    with open_target(str(db)) as t:
+def run(ref: str, files: list, db: str, **kw):
+    report = replay([str(f) for f in files], ref, db, **kw)
+    with open_target(db) as t:
         tables = {name: t.table(name) for name in ("trades", "quarantine", "obligations_securities",
                                                     "obligations_cash", "holdings")}
         rows_done = sum(s["rows_done"] for s in t.status().sources)
@@ -94,7 +94,7 @@ def one_line_user_error(excinfo) -> str:
 # --- every reason, and the order of the checks ---------------------------------------
 
 
-def test_every_reason_and_check_order(tmp_path, ref):
+def test_every_reason_and_check_order(tmp_path, ref, new_target):
     rows = [
         trade(1, "A1", "A2", 100, "10.00"),                                          # OK
         trade(2, "A1", "A2", 0, "10.00"),                                            # BAD_QUANTITY
@@ -129,7 +129,7 @@ def test_every_reason_and_check_order(tmp_path, ref):
     ]
     f = write_trades(tmp_path / "t.parquet", rows)
     for i, kw in enumerate([{"window_rows": 1}, {"batch": True}]):
-        report, tables = run(ref, [f], tmp_path / f"db{i}.duckdb", **kw)
+        report, tables = run(ref, [f], new_target(f"db{i}"), **kw)
         assert reasons(tables) == expected, kw
         assert (report.rows_read, report.rows_accepted, report.rows_quarantined) == (24, 2, 22)
         assert report.by_reason == {
@@ -178,14 +178,14 @@ SCHEMA_CASES = [
 ]
 
 
-def test_schema_rows_from_csv(tmp_path, ref):
+def test_schema_rows_from_csv(tmp_path, ref, new_target):
     rows = [r for r, _ in SCHEMA_CASES]
     # Each case has its own trade id so DUPLICATE_TRADE cannot interfere (except the missing one).
     for i, r in enumerate(rows):
         if r["trade_id"] == "1":
             r["trade_id"] = str(100 + i)
     f = write_csv(tmp_path / "bad.csv", rows + [text(trade_id="1")])
-    report, tables = run(ref, [f], tmp_path / "db.duckdb", window_rows=5)
+    report, tables = run(ref, [f], new_target("db"), window_rows=5)
     q = tables["quarantine"]
     assert (report.rows_read, report.rows_accepted, report.rows_quarantined) == (len(rows) + 1, 1, len(rows))
     assert report.by_reason == {"SCHEMA": len(rows)}
@@ -199,12 +199,12 @@ def test_schema_rows_from_csv(tmp_path, ref):
     assert tables["trades"]["source_row"].to_list() == [len(rows)]
 
 
-def test_parquet_missing_column_quarantines_every_row(tmp_path, ref):
+def test_parquet_missing_column_quarantines_every_row(tmp_path, ref, new_target):
     rows = [trade(i, "A1", "A2", 100, "10.00") for i in range(1, 6)]
     table = pa.Table.from_pylist(rows, schema=schema.INPUT_TRADE).drop_columns(["sell_unit"])
     f = tmp_path / "no_sell_unit.parquet"
     pq.write_table(table, f)
-    report, tables = run(ref, [f], tmp_path / "db.duckdb", window_rows=2)
+    report, tables = run(ref, [f], new_target("db"), window_rows=2)
     assert (report.rows_read, report.rows_accepted, report.rows_quarantined) == (5, 0, 5)
     q = tables["quarantine"]
     assert q["reason"].to_list() == ["SCHEMA"] * 5
@@ -214,12 +214,12 @@ def test_parquet_missing_column_quarantines_every_row(tmp_path, ref):
     assert q["buy_unit"].to_list() == ["U0001"] * 5
 
 
-def test_parquet_null_required_field(tmp_path, ref):
+def test_parquet_null_required_field(tmp_path, ref, new_target):
     rows = [trade(1, "A1", "A2", 100, "10.00"), trade(2, "A1", "A2", 100, "10.00")]
     rows[0]["price"] = None
     rows[1]["trade_time"] = None
     f = write_trades(tmp_path / "t.parquet", rows)
-    _, tables = run(ref, [f], tmp_path / "db.duckdb")
+    _, tables = run(ref, [f], new_target("db"))
     assert tables["quarantine"]["detail"].to_list() == ["price is missing", "trade_time is missing"]
 
 
@@ -227,7 +227,7 @@ def test_parquet_null_required_field(tmp_path, ref):
 
 
 @pytest.mark.parametrize("kw", WINDOWINGS)
-def test_duplicate_trade_semantics(tmp_path, ref, kw):
+def test_duplicate_trade_semantics(tmp_path, ref, kw, new_target):
     rows = [
         text(1),                                  # OK
         text(1),                                  # DUPLICATE (same window or an earlier one)
@@ -248,7 +248,7 @@ def test_duplicate_trade_semantics(tmp_path, ref, kw):
         text(8, trade_date=SAT.isoformat()),      # NOT_BUSINESS_DAY comes before DUPLICATE
     ]
     f = write_csv(tmp_path / "t.csv", rows)
-    _, tables = run(ref, [f], tmp_path / "db.duckdb", **kw)
+    _, tables = run(ref, [f], new_target("db"), **kw)
     assert reasons(tables) == [
         "OK", "DUPLICATE_TRADE", "OK", "BAD_PRICE", "DUPLICATE_TRADE", "SCHEMA", "DUPLICATE_TRADE", "SCHEMA", "OK",
         "SCHEMA", "OK", "SCHEMA", "OK", "UNKNOWN_SECURITY", "DUPLICATE_TRADE", "NOT_BUSINESS_DAY",
@@ -256,8 +256,8 @@ def test_duplicate_trade_semantics(tmp_path, ref, kw):
     ]
 
 
-def test_duplicate_trade_across_runs(tmp_path, ref):
-    db = tmp_path / "db.duckdb"
+def test_duplicate_trade_across_runs(tmp_path, ref, new_target):
+    db = new_target("db")
     first = write_csv(tmp_path / "a.csv", [
         text(1), text(2, price="0"), text(3, price="abc"), text("4x"), text(5, market=None),
         text(6, security_id="999999"), text(7, quantity="-1"),
@@ -318,12 +318,12 @@ CANCELLATION_ROWS = [
 ]
 
 
-def test_cancellation_semantics_any_window(tmp_path, ref):
+def test_cancellation_semantics_any_window(tmp_path, ref, new_target):
     rows = [r for r, _ in CANCELLATION_ROWS] + [text(40), text(41, quantity="300")]
     f = write_csv(tmp_path / "t.csv", rows)
     seen = []
     for i, kw in enumerate(WINDOWINGS):
-        report, tables = run(ref, [f], tmp_path / f"db{i}.duckdb", **kw)
+        report, tables = run(ref, [f], new_target(f"db{i}"), **kw)
         assert reasons(tables) == [e for _, e in CANCELLATION_ROWS] + ["OK", "OK"], kw
         assert report.rows_read == len(rows)
         seen.append(tables)
@@ -340,10 +340,10 @@ def test_cancellation_semantics_any_window(tmp_path, ref):
     assert (x["amount"], x["quantity"], x["ref_trade_id"], x["buy_participant"]) == (D("-1000.00"), 100, 7, "P1")
 
 
-def test_cancellation_across_runs(tmp_path, ref):
+def test_cancellation_across_runs(tmp_path, ref, new_target):
     """Cutting the same rows into two files replayed by two runs gives the same outcomes."""
     rows = [r for r, _ in CANCELLATION_ROWS]
-    db = tmp_path / "db.duckdb"
+    db = new_target("db")
     a = write_csv(tmp_path / "a.csv", rows[:10])
     b = write_csv(tmp_path / "b.csv", rows[10:])
     run(ref, [a], db, window_rows=3)
@@ -358,7 +358,7 @@ def _fee(amount: D, rate: str) -> D:
     return (amount * D(rate)).quantize(D("0.01"), rounding=ROUND_HALF_UP)
 
 
-def test_huge_values(tmp_path, ref):
+def test_huge_values(tmp_path, ref, new_target):
     max_id = (1 << TRADE_ID_BITS) - 1
     limit_qty = AMOUNT_MILLI_MAX // 1_000_000  # at 1000.000 CNY per share
     rows = [
@@ -376,7 +376,7 @@ def test_huge_values(tmp_path, ref):
         trade(11, "A1", "A2", INT64_MAX, "0.00"),                        # BAD_QUANTITY before BAD_PRICE
     ]
     f = write_trades(tmp_path / "t.parquet", rows)
-    _, tables = run(ref, [f], tmp_path / "db.duckdb", window_rows=4)
+    _, tables = run(ref, [f], new_target("db"), window_rows=4)
     assert reasons(tables) == [
         "BAD_QUANTITY", "OK", "BAD_QUANTITY", "OK", "BAD_QUANTITY", "OK", "SCHEMA", "SCHEMA", "SCHEMA", "SCHEMA",
         "BAD_QUANTITY", "BAD_QUANTITY",
@@ -408,7 +408,7 @@ def test_huge_values(tmp_path, ref):
                         ("A3", "600000"): 10_000}
 
 
-def test_huge_values_from_csv(tmp_path, ref):
+def test_huge_values_from_csv(tmp_path, ref, new_target):
     f = write_csv(tmp_path / "t.csv", [
         text(1, quantity=str(INT64_MAX)),
         text(2, quantity=str(INT64_MAX + 1)),
@@ -417,7 +417,7 @@ def test_huge_values_from_csv(tmp_path, ref):
         text(str(2**70)),
         text(6, price="0.001", quantity="1"),
     ])
-    _, tables = run(ref, [f], tmp_path / "db.duckdb")
+    _, tables = run(ref, [f], new_target("db"))
     assert reasons(tables) == ["BAD_QUANTITY", "SCHEMA", "BAD_QUANTITY", "OK", "SCHEMA", "OK"]
     amounts = dict(tables["trades"].select("trade_id", "amount").iter_rows())
     assert amounts == {4: D("1000000000.00"), 6: D("0.00")}
@@ -426,15 +426,15 @@ def test_huge_values_from_csv(tmp_path, ref):
 # --- malformed files and user mistakes ------------------------------------------------
 
 
-def test_empty_files_read_nothing(tmp_path, ref):
+def test_empty_files_read_nothing(tmp_path, ref, new_target):
     empty_pq = tmp_path / "a.parquet"
     pq.write_table(schema.INPUT_TRADE.empty_table(), empty_pq)
     header_only = write_csv(tmp_path / "b.csv", [])
     good = write_csv(tmp_path / "c.csv", [text(1)])
-    report, tables = run(ref, [empty_pq, header_only, good], tmp_path / "db.duckdb")
+    report, tables = run(ref, [empty_pq, header_only, good], new_target("db"))
     assert (report.sources, report.rows_read, report.rows_accepted, report.rows_quarantined) == (3, 1, 1, 0)
     assert outcomes(tables) == [("c.csv", 0, "OK")]
-    report, _ = run(ref, [empty_pq, header_only], tmp_path / "db2.duckdb", batch=True)
+    report, _ = run(ref, [empty_pq, header_only], new_target("db2"), batch=True)
     assert (report.rows_read, report.rows_accepted, report.rows_quarantined) == (0, 0, 0)
 
 
@@ -473,18 +473,18 @@ def garbage(tmp_path_factory) -> dict[str, Path]:
     return files
 
 
-def test_malformed_files_are_user_errors(tmp_path, ref, garbage):
+def test_malformed_files_are_user_errors(tmp_path, ref, garbage, new_target, backend):
     good = write_csv(tmp_path / "good.csv", [text(1)])
     for name, f in garbage.items():
         # Alone, and sharing a window with a good CSV file (where different formats meet).
         for i, files in enumerate(([f], [good, f])):
-            db = tmp_path / f"{name}{i}.duckdb"
+            db = new_target(f"{name}{i}")
             with pytest.raises(UserError) as e:
                 replay([str(p) for p in files], ref, str(db), window_rows=1000)
             msg = one_line_user_error(e)
             assert name in msg, msg
             if name not in ("ragged.csv", "gbk_values.csv"):  # found only when the rows are read
-                assert not db.exists(), f"{name}: refused before anything was written"
+                assert not backend.tables(db), f"{name}: refused before anything was written"
 
 
 @pytest.mark.parametrize("paths, needle", [
@@ -494,31 +494,31 @@ def test_malformed_files_are_user_errors(tmp_path, ref, garbage):
     (["{tmp}/notes.txt"], "notes.txt"),
     (["{tmp}/good.csv", "{tmp}/good.csv"], "good.csv"),
 ])
-def test_bad_paths_are_user_errors(tmp_path, ref, paths, needle):
+def test_bad_paths_are_user_errors(tmp_path, ref, paths, needle, new_target):
     (tmp_path / "empty_dir").mkdir()
     (tmp_path / "notes.txt").write_text("trade_id\n1\n")
     write_csv(tmp_path / "good.csv", [text(1)])
     with pytest.raises(UserError) as e:
-        replay([p.format(tmp=tmp_path) for p in paths], ref, str(tmp_path / "db.duckdb"))
+        replay([p.format(tmp=tmp_path) for p in paths], ref, new_target("db"))
     assert needle in one_line_user_error(e)
 
 
-def test_bad_options_and_refdata_are_user_errors(tmp_path, ref):
+def test_bad_options_and_refdata_are_user_errors(tmp_path, ref, new_target):
     f = write_csv(tmp_path / "t.csv", [text(1)])
     for kw in ({"window_rows": 0}, {"window_rows": -1}):
         with pytest.raises(UserError) as e:
-            replay([str(f)], ref, str(tmp_path / "db.duckdb"), **kw)
+            replay([str(f)], ref, new_target("db"), **kw)
         one_line_user_error(e)
     with pytest.raises(UserError) as e:
-        replay([str(f)], str(tmp_path / "no_refdata"), str(tmp_path / "db.duckdb"))
+        replay([str(f)], str(tmp_path / "no_refdata"), new_target("db"))
     assert "no_refdata" in one_line_user_error(e)
 
 
-def test_csv_with_bom_and_extra_columns(tmp_path, ref):
+def test_csv_with_bom_and_extra_columns(tmp_path, ref, new_target):
     f = tmp_path / "bom.csv"
     write_csv(f, [text(1), text(2, price="abc")], header=[*COLS, "comment"])
     f.write_bytes(b"\xef\xbb\xbf" + f.read_bytes())
-    _, tables = run(ref, [f], tmp_path / "db.duckdb")
+    _, tables = run(ref, [f], new_target("db"))
     assert reasons(tables) == ["OK", "SCHEMA"]
     assert tables["quarantine"]["price"].to_list() == ["abc"]
 
@@ -526,7 +526,7 @@ def test_csv_with_bom_and_extra_columns(tmp_path, ref):
 # --- mixed formats ----------------------------------------------------------------------
 
 
-def test_mixed_formats_same_tables_any_window(tmp_path, ref):
+def test_mixed_formats_same_tables_any_window(tmp_path, ref, new_target):
     csv_rows = [
         text(1), text(2, price="abc"), text(3, trade_time="10:00:00.123456"), _x(4, 10),
         text(5, quantity="0"), text(6, price="12.345"),
@@ -554,7 +554,7 @@ def test_mixed_formats_same_tables_any_window(tmp_path, ref):
     ]
     seen = []
     for i, kw in enumerate([{"window_rows": 1000}, {"window_rows": 1}, {"batch": True}]):
-        report, tables = run(ref, [a, b, c], tmp_path / f"db{i}.duckdb", **kw)
+        report, tables = run(ref, [a, b, c], new_target(f"db{i}"), **kw)
         assert outcomes(tables) == expected, kw
         assert (report.rows_read, report.rows_accepted, report.rows_quarantined) == (13, 5, 8)
         seen.append(tables)
@@ -573,14 +573,14 @@ def test_mixed_formats_same_tables_any_window(tmp_path, ref):
     assert q["trade_date"].to_list() == ["2025-06-16"] * 4
 
 
-def test_memory_url_source(ref, tmp_path):
+def test_memory_url_source(ref, tmp_path, new_target):
     import fsspec
 
     fs = fsspec.filesystem("memory")
     body = (tmp_path / "m.csv")
     write_csv(body, [text(1), text(1)])
     fs.pipe("/bad_input_test/m.csv", body.read_bytes())
-    report, tables = run(ref, ["memory://bad_input_test/m.csv"], tmp_path / "db.duckdb")
+    report, tables = run(ref, ["memory://bad_input_test/m.csv"], new_target("db"))
     assert reasons(tables) == ["OK", "DUPLICATE_TRADE"]
     assert tables["quarantine"]["source"].to_list() == ["memory:///bad_input_test/m.csv"]
 
@@ -588,7 +588,7 @@ def test_memory_url_source(ref, tmp_path):
 # --- near-miss column types ------------------------------------------------------------
 
 
-def test_exact_values_in_other_types_are_accepted(tmp_path, ref):
+def test_exact_values_in_other_types_are_accepted(tmp_path, ref, new_target):
     """A column of another Arrow type is fine when every value converts exactly; a value that
     would need rounding is SCHEMA, the same whether the file is alone in a window or not."""
     base = pa.Table.from_pylist([trade(1, "A1", "A2", 100, "10.10"), trade(2, "A1", "A2", 100, "10.123")],
@@ -619,7 +619,7 @@ def test_exact_values_in_other_types_are_accepted(tmp_path, ref):
     ]
     seen = []
     for i, kw in enumerate([{"window_rows": 1}, {"batch": True}]):
-        _, tables = run(ref, files, tmp_path / f"db{i}.duckdb", **kw)
+        _, tables = run(ref, files, new_target(f"db{i}"), **kw)
         assert outcomes(tables) == expected, kw
         seen.append(tables)
         q = tables["quarantine"].filter(pl.col("reason") == "SCHEMA")
@@ -634,23 +634,23 @@ def test_exact_values_in_other_types_are_accepted(tmp_path, ref):
     assert seen[0]["trades"]["price"].to_list() == [D("10.100")]
     # Each file alone, one per run: the same outcomes for the files' own rows.
     for f in files[2:4]:
-        _, tables = run(ref, [f], tmp_path / f"{f.stem}.duckdb", window_rows=7)
+        _, tables = run(ref, [f], new_target(f.stem), window_rows=7)
         assert [why for _, _, why in outcomes(tables)] == ["OK", "SCHEMA"]
         assert tables["trades"]["trade_time"].to_list() == [dt.time(10, 0, 0, 1 if f.stem == "d" else 0)]
 
 
-def test_directory_and_glob_in_name_order(tmp_path, ref):
+def test_directory_and_glob_in_name_order(tmp_path, ref, new_target):
     d = tmp_path / "in"
     write_csv(d / "b.csv", [text(1, price="11.00")])
     write_csv(d / "a.csv", [text(1)])
     write_trades(d / "sub" / "c.parquet", [trade(1, "A1", "A2", 100, "12.00")])
     (d / "notes.txt").write_text("ignored")
-    _, by_dir = run(ref, [d], tmp_path / "dir.duckdb")
+    _, by_dir = run(ref, [d], new_target("dir"))
     assert outcomes(by_dir) == [("a.csv", 0, "OK"), ("b.csv", 0, "DUPLICATE_TRADE"),
                                 ("c.parquet", 0, "DUPLICATE_TRADE")]
     assert by_dir["trades"]["price"].to_list() == [D("10.000")]
-    _, by_glob = run(ref, [d / "*.csv"], tmp_path / "glob.duckdb")
+    _, by_glob = run(ref, [d / "*.csv"], new_target("glob"))
     assert outcomes(by_glob) == [("a.csv", 0, "OK"), ("b.csv", 0, "DUPLICATE_TRADE")]
     # Arguments keep the order given: b first makes a the duplicate.
-    _, by_args = run(ref, [d / "b.csv", d / "a.csv"], tmp_path / "args.duckdb")
+    _, by_args = run(ref, [d / "b.csv", d / "a.csv"], new_target("args"))
     assert by_args["trades"]["price"].to_list() == [D("11.000")]

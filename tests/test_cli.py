@@ -1,4 +1,5 @@
-"""The `settle-arrow` command line as a user runs it: a subprocess, exit codes, output files."""
+"""The `settle-arrow` command line as a user runs it: a subprocess, exit codes, output files;
+every command that touches a TARGET runs on each backend (DuckDB file, PostgreSQL schema)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import sys
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 from snapshots import TABLES, assert_same_tables, snapshot
 
 from settle_arrow import open_target, schema
+from settle_arrow.storage import open_storage
 
 BIN = Path(sys.executable).parent / "settle-arrow"
 
@@ -65,10 +68,10 @@ def market(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def db(market) -> str:
-    path = str(market.parent / "run.duckdb")
+def db(market, backend, tmp_path_factory) -> str:
+    path = backend.new(tmp_path_factory.mktemp(f"run-{backend.name}"), "run")
     res = ok(cli("replay", market / "trades", "--refdata", market / "refdata", "--db", path, "--window", 400))
-    market.joinpath("replay.out").write_text(res.stdout)
+    market.joinpath(f"replay-{backend.name}.out").write_text(res.stdout)
     return path
 
 
@@ -79,8 +82,8 @@ def test_generate_is_deterministic(market, tmp_path):
         assert (again / "trades" / f.name).read_bytes() == f.read_bytes(), f.name
 
 
-def test_replay_report(market, db):
-    rows = report_rows((market / "replay.out").read_text())
+def test_replay_report(market, db, backend):
+    rows = report_rows((market / f"replay-{backend.name}.out").read_text())
     with open_target(db) as t:
         trades, quarantine = t.table("trades"), t.table("quarantine")
         windows = t.table("checkpoints").filter(pl.col("window_id") > 0).height
@@ -98,14 +101,14 @@ def test_replay_report(market, db):
     assert rows["self-check"] == "OK"
 
 
-def test_replay_again_and_batch(market, db, tmp_path):
+def test_replay_again_and_batch(market, db, new_target):
     # Same command again: nothing read, everything skipped.
     res = ok(cli("replay", market / "trades", "--refdata", market / "refdata", "--db", db, "--quiet"))
     rows = report_rows(res.stdout)
     assert num(rows["rows read"]) == 0 and num(rows["windows committed"]) == 0
     assert num(rows["rows already committed (skipped)"]) > 0
     # The whole input as one end-of-day window: same tables.
-    batch_db = str(tmp_path / "batch.duckdb")
+    batch_db = new_target("batch")
     res = ok(cli("replay", market / "trades", "--refdata", market / "refdata", "--db", batch_db, "--batch"))
     rows = report_rows(res.stdout)
     assert num(rows["windows committed"]) == 1 and rows["self-check"] == "OK"
@@ -145,11 +148,12 @@ def test_export_parquet_and_csv(db, tmp_path, table):
     assert back.cast(want).equals(expected), "CSV reads back to the same values"
 
 
-def test_export_creates_nothing_on_error(db, tmp_path):
+def test_export_creates_nothing_on_error(db, tmp_path, new_target):
     user_error(cli("export", "trades", "--db", db, "--out", tmp_path / "t.json"), r"\.parquet or \.csv")
     user_error(cli("export", "trades", "--db", db, "--out", tmp_path / "no" / "t.csv"), "does not exist")
     user_error(cli("export", "ledger", "--db", db, "--out", tmp_path / "t.csv"), "unknown table 'ledger'")
-    user_error(cli("export", "trades", "--db", tmp_path / "none.duckdb", "--out", tmp_path / "t.csv"), "does not exist")
+    user_error(cli("export", "trades", "--db", new_target("none"), "--out", tmp_path / "t.csv"),
+               "does not exist|holds no settle_arrow data")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -232,17 +236,69 @@ def test_messages_are_text_not_markup(market, db, tmp_path):
 
 
 
-def test_target_in_use(market, db, tmp_path):
-    """While another process writes the TARGET, replay and status say so (exit 2)."""
+def test_target_in_use(market, db, backend):
+    """While another process writes the TARGET, a replay says so (exit 2); so does status on
+    DuckDB (one writing process, no readers beside it), while PostgreSQL serves readers."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({db!r}); print('held', flush=True); time.sleep(60)"],
+        [sys.executable, "-c", "import sys, time; from settle_arrow.storage import open_storage; "
+         f"s = open_storage({db!r}); print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True,
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        user_error(cli("status", "--db", db), "in use by another process")
+        if backend.name == "duckdb":
+            line = user_error(cli("status", "--db", db), "in use by another process")
+            assert "postgresql://" in line, "the message names the alternative"
+            user_error(cli("export", "trades", "--db", db, "--out", "/tmp/never.csv"), "in use by another process")
+        else:
+            ok(cli("status", "--db", db))
         user_error(_replay(market, db), "in use by another process")
     finally:
         holder.kill()
         holder.wait()
     ok(cli("status", "--db", db))
+
+
+def test_schema_version_mismatch(market, new_target):
+    """A TARGET written by another schema version is refused with one clear line, every command."""
+    db = new_target("old")
+    ok(_replay(market, db, "--window", 5000))
+    w = open_storage(db)  # pretend another settle_arrow version wrote it
+    try:
+        w._begin()
+        w._execute("DELETE FROM meta WHERE key = ?", ("schema_version",))
+        w._append("meta", pa.table({"key": ["schema_version"], "value": ["999"]}))
+        w._commit()
+    finally:
+        w.close()
+    pattern = rf"written by schema version 999; this settle_arrow uses {schema.SCHEMA_VERSION}"
+    user_error(cli("status", "--db", db), pattern)
+    user_error(_replay(market, db), pattern)
+    user_error(cli("export", "trades", "--db", db, "--out", "/tmp/never.csv"), pattern)
+
+
+PG_MISTAKES = {
+    # what is wrong: (TARGET with {db} = the session database's URL, expected message)
+    "server down": ("postgresql://postgres@127.0.0.1:1/test", r"cannot connect to postgresql://postgres@127\.0\.0\.1:1/test: .*refused"),
+    "password hidden": ("postgresql://postgres:secret@127.0.0.1:1/test", r"postgres:\*\*\*@"),
+    "unknown role": ("postgresql://nobody_here@127.0.0.1:5432/test", r'role "nobody_here" does not exist'),
+    "unknown host": ("postgresql://postgres@no-such-host.invalid/test", r"cannot connect to .*no-such-host"),
+    "unknown database": ("{server}/settle_no_such_db", r'database "settle_no_such_db" does not exist'),
+    "bad parameter": ("{db}?bogus=1", r"invalid URI query parameter"),
+    "two schemas": ("{db}?schema=a&schema=b", r"one non-empty schema="),
+    "empty schema": ("{db}?schema=never_written", r"holds no settle_arrow data"),
+}
+
+
+@pytest.mark.parametrize("mistake", list(PG_MISTAKES))
+def test_postgres_target_mistakes(market, pg_backend, tmp_path, mistake):
+    """Unreachable server, unknown role or database, bad URI: one line, exit 2, every command."""
+    template, pattern = PG_MISTAKES[mistake]
+    db = pg_backend.pg_url
+    target = template.format(db=db, server=db.rsplit("/", 1)[0])
+    line = user_error(cli("status", "--db", target), pattern)
+    assert "secret" not in line
+    user_error(cli("export", "trades", "--db", target, "--out", tmp_path / "t.csv"), pattern)
+    if mistake != "empty schema":  # (a replay would simply write it)
+        user_error(_replay(market, target), pattern)
+    assert list(tmp_path.iterdir()) == []

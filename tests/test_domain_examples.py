@@ -8,20 +8,20 @@ from market import T1, T, trade, write_refdata, write_trades
 from settle_arrow import open_target, replay
 
 
-def _run(tmp_path, rows, **kw):
+def _run(tmp_path, new_target, rows, **kw):
     ref = write_refdata(tmp_path)
     f = write_trades(tmp_path / "trades" / "t.parquet", rows)
-    db = str(tmp_path / "db.duckdb")
+    db = new_target()
     replay([str(f)], str(ref), db, **kw)
     return open_target(db)
 
 
-def test_example_a_fees_and_participant_nets(tmp_path):
+def test_example_a_fees_and_participant_nets(tmp_path, new_target):
     rows = [
         trade(1, "A1", "A2", 1000, "10.00"),  # P1 buys 1,000 @ 10.00
         trade(2, "A2", "A3", 1000, "10.50"),  # P3 sells 1,000 @ 10.50
     ]
-    with _run(tmp_path, rows) as t:
+    with _run(tmp_path, new_target, rows) as t:
         trades = t.table("trades")
         cash = t.table("obligations_cash")
     buy = trades.filter(pl.col("trade_id") == 1).row(0, named=True)
@@ -41,7 +41,7 @@ def test_example_a_fees_and_participant_nets(tmp_path):
 
 
 # Example B without fees: a fee schedule with no rows.
-def test_example_b_multilateral_net(tmp_path):
+def test_example_b_multilateral_net(tmp_path, new_target):
     write_refdata(tmp_path, fees=[])
     rows = [
         trade(1, "A1", "A2", 1000, "10.00", "600000"),
@@ -50,7 +50,7 @@ def test_example_b_multilateral_net(tmp_path):
         trade(4, "A1", "A2", 100, "50.10", "600001"),
     ]
     f = write_trades(tmp_path / "trades" / "t.parquet", rows)
-    db = str(tmp_path / "db.duckdb")
+    db = new_target()
     replay([str(f)], str(tmp_path / "refdata"), db, window_rows=3)
     with open_target(db) as t:
         cash = dict(t.table("obligations_cash").select("participant_id", "net_amount").iter_rows())
@@ -64,12 +64,12 @@ def test_example_b_multilateral_net(tmp_path):
     }
 
 
-def test_cancellation_reverses_everything(tmp_path):
+def test_cancellation_reverses_everything(tmp_path, new_target):
     rows = [
         trade(1, "A1", "A2", 1000, "10.00"),
         trade(2, "A1", "A2", 1000, "10.00", record_type="X", ref_trade_id=1),
     ]
-    with _run(tmp_path, rows, window_rows=1) as t:
+    with _run(tmp_path, new_target, rows, window_rows=1) as t:
         assert t.table("obligations_cash").height == 0
         assert t.table("obligations_securities").height == 0
         assert t.table("holdings").height == 0

@@ -1,6 +1,6 @@
 """SPEC §8 exactly once: re-runs add nothing, new files continue, changed files are refused,
 and a replay SIGKILLed at any moment and started again ends with the tables of an
-uninterrupted run."""
+uninterrupted run, on every backend (the reference run is DuckDB: PostgreSQL must match it)."""
 
 from __future__ import annotations
 
@@ -56,8 +56,8 @@ def reference(market, tmp_path_factory) -> dict:
 
 
 @pytest.mark.parametrize(("first", "again"), [(700, 3), (700, None), (None, 1000)])
-def test_rerun_adds_nothing(market, reference, tmp_path, first, again):
-    db = str(tmp_path / "db.duckdb")
+def test_rerun_adds_nothing(market, reference, tmp_path, first, again, new_target):
+    db = new_target()
     paths, ref = [str(market / "trades")], str(market / "refdata")
 
     def run(w):
@@ -75,9 +75,9 @@ def test_rerun_adds_nothing(market, reference, tmp_path, first, again):
     assert after["checkpoints"].height == before["checkpoints"].height
 
 
-def test_rerun_with_other_spellings_of_the_same_files(market, tmp_path, monkeypatch):
+def test_rerun_with_other_spellings_of_the_same_files(market, tmp_path, monkeypatch, new_target):
     """A directory, a glob, the file list and relative paths name the same files."""
-    db = str(tmp_path / "db.duckdb")
+    db = new_target()
     ref = str(market / "refdata")
     replay([str(market / "trades")], ref, db, window_rows=5000)
     before = snapshot(db)
@@ -90,9 +90,9 @@ def test_rerun_with_other_spellings_of_the_same_files(market, tmp_path, monkeypa
         assert after[name].equals(before[name], null_equal=True), name
 
 
-def test_new_file_later_continues(market, reference, tmp_path):
+def test_new_file_later_continues(market, reference, tmp_path, new_target):
     files, ref = _files(market), str(market / "refdata")
-    db = str(tmp_path / "db.duckdb")
+    db = new_target()
     first = replay(files[:3], ref, db, window_rows=900)
     assert first.rows_read == sum(_rows(f) for f in files[:3])
     cps = snapshot(db, ("checkpoints",))["checkpoints"].height
@@ -108,7 +108,7 @@ def test_new_file_later_continues(market, reference, tmp_path):
     assert_same_tables(snapshot(db), reference)
 
 
-def test_changed_file_is_refused(market, tmp_path):
+def test_changed_file_is_refused(market, tmp_path, new_target):
     files, ref = _files(market), str(market / "refdata")
     mine = tmp_path / "trades"
     mine.mkdir()
@@ -116,7 +116,7 @@ def test_changed_file_is_refused(market, tmp_path):
     for f in files[:2]:
         copies.append(mine / Path(f).name)
         copies[-1].write_bytes(Path(f).read_bytes())
-    db = str(tmp_path / "db.duckdb")
+    db = new_target()
     replay([str(mine)], ref, db, window_rows=1000)
     before = snapshot(db)
     # The second file grows by one row (a later version of the day's feed).
@@ -139,11 +139,13 @@ def test_changed_file_is_refused(market, tmp_path):
 HARNESS = textwrap.dedent(
     """
     # Runs the real CLI; SA_TRAP=KIND:N makes the process announce the Nth time it reaches a
-    # point and then wait there, so the test can SIGKILL it exactly at that point.
+    # point and then wait there, so the test can SIGKILL it exactly at that point (or, with
+    # SA_TRAP_RESUME, drop its database connection and let it go on by writing a line to stdin).
     import os, sys, time
     from settle_arrow import engine
     from settle_arrow.cli import app
     from settle_arrow.storage.duckdb import DuckDBStorage
+    from settle_arrow.storage.postgres import PostgresStorage
 
     kind, _, nth = os.environ.get("SA_TRAP", ":0").rpartition(":")
     hits = {"n": 0}
@@ -157,27 +159,34 @@ HARNESS = textwrap.dedent(
             if hits["n"] == int(nth):
                 sys.stderr.write("TRAPPED\\n")
                 sys.stderr.flush()
-                time.sleep(60)
+                if os.environ.get("SA_TRAP_RESUME"):
+                    sys.stdin.readline()
+                else:
+                    time.sleep(60)
 
-    append, execute, commit = DuckDBStorage._append, DuckDBStorage._execute, DuckDBStorage._commit
+    def patch(cls):
+        append, execute, commit = cls._append, cls._execute, cls._commit
 
-    def _append(self, table, data):
-        append(self, table, data)
-        trap(f"append-{table}")
+        def _append(self, table, data):
+            append(self, table, data)
+            trap(f"append-{table}")
 
-    def _execute(self, sql, params=()):
-        execute(self, sql, params)
-        trap(sql.split(" WHERE")[0])
+        def _execute(self, sql, params=()):
+            execute(self, sql, params)
+            trap(sql.split(" WHERE")[0])
 
-    def _commit(self):
-        trap("before-commit")
-        commit(self)
-        if announce:
-            sys.stderr.write("COMMITTED\\n")
-            sys.stderr.flush()
-        trap("after-commit")
+        def _commit(self):
+            trap("before-commit")
+            commit(self)
+            if announce:
+                sys.stderr.write("COMMITTED\\n")
+                sys.stderr.flush()
+            trap("after-commit")
 
-    DuckDBStorage._append, DuckDBStorage._execute, DuckDBStorage._commit = _append, _execute, _commit
+        cls._append, cls._execute, cls._commit = _append, _execute, _commit
+
+    patch(DuckDBStorage)
+    patch(PostgresStorage)
     sys.argv = ["settle-arrow", *sys.argv[1:]]
     app()
     """
@@ -190,8 +199,6 @@ def _replay_cmd(harness: Path, market: Path, db: str, window: int) -> list[str]:
 
 
 def _committed_rows(db: str) -> int:
-    if not Path(db).exists():
-        return 0
     try:
         with open_target(db) as t:
             return t.storage.count("trades") + t.storage.count("quarantine")
@@ -246,8 +253,8 @@ def harness(tmp_path_factory) -> Path:
     return path
 
 
-def test_sigkill_at_random_moments(market, reference, harness, tmp_path):
-    db = str(tmp_path / "db.duckdb")
+def test_sigkill_at_random_moments(market, reference, harness, tmp_path, new_target):
+    db = new_target()
     total = sum(_rows(f) for f in _files(market))
     rng = random.Random(SEED)
     window = 600  # small windows: many commits, so random kills often land inside one
@@ -305,8 +312,8 @@ def _kill_after_commits(cmd: list[str], commits: int, delay: float) -> bool:
         ["append-opening_holdings:1", "append-sources:3", "DELETE FROM sources:7"],
     ],
 )
-def test_sigkill_mid_commit(market, reference, harness, tmp_path, traps):
-    db = str(tmp_path / "db.duckdb")
+def test_sigkill_mid_commit(market, reference, harness, tmp_path, traps, new_target):
+    db = new_target()
     total = sum(_rows(f) for f in _files(market))
     cmd = _replay_cmd(harness, market, db, 2000)
     for trap in traps:
@@ -315,9 +322,9 @@ def test_sigkill_mid_commit(market, reference, harness, tmp_path, traps):
     _check_against(db, reference, total)
 
 
-def test_sigkill_mid_compaction(market, reference, harness, tmp_path):
+def test_sigkill_mid_compaction(market, reference, harness, tmp_path, new_target):
     """Compaction (folding delta tables) forced early and killed half-way: no effect on results."""
-    db = str(tmp_path / "db.duckdb")
+    db = new_target()
     total = sum(_rows(f) for f in _files(market))
     cmd = _replay_cmd(harness, market, db, 1000)
     compact = {"SA_COMPACT_MIN": "300"}  # folds every delta table several times in this run
@@ -328,9 +335,9 @@ def test_sigkill_mid_compaction(market, reference, harness, tmp_path):
     _check_against(db, reference, total)
 
 
-def test_killed_run_then_rerun_with_other_window(market, reference, harness, tmp_path):
+def test_killed_run_then_rerun_with_other_window(market, reference, harness, tmp_path, new_target):
     """Resume with a different window size (and finally a batch) after kills."""
-    db = str(tmp_path / "db.duckdb")
+    db = new_target()
     total = sum(_rows(f) for f in _files(market))
     _kill_at_trap(_replay_cmd(harness, market, db, 700), "append-checkpoints:6")
     _kill_at_trap(_replay_cmd(harness, market, db, 1300), "before-commit:3")
@@ -338,15 +345,74 @@ def test_killed_run_then_rerun_with_other_window(market, reference, harness, tmp
     _check_against(db, reference, total)
 
 
-def test_sigkill_csv_input(harness, tmp_path):
+def test_sigkill_csv_input(harness, tmp_path, new_target):
     """CSV inputs resume mid-file at the committed row (header and all) after kills."""
     market = tmp_path / "csv"
     generate_market(market, MarketSpec(trades=6000, seed=SEED + 1, days=3, bad_rate=0.05, cancel_rate=0.05, fmt="csv"))
-    ref_db = str(tmp_path / "ref.duckdb")
+    ref_db = new_target("ref")
     report = replay([str(market / "trades")], str(market / "refdata"), ref_db, batch=True)
     reference = snapshot(ref_db)
-    db = str(tmp_path / "db.duckdb")
+    db = new_target()
     _kill_at_trap(_replay_cmd(harness, market, db, 700), "append-checkpoints:4")  # inside window 3
     _kill_at_trap(_replay_cmd(harness, market, db, 333), "before-commit:6")
     _finish(_replay_cmd(harness, market, db, 1100))
     _check_against(db, reference, report.rows_read)
+
+
+# --- a dropped database connection (PostgreSQL) -----------------------------------------
+
+
+def _storage_error(err: str) -> None:
+    """Exit 4 printed exactly one `error: lost the connection ...` line, no traceback."""
+    lines = [ln for ln in err.splitlines() if ln.strip() not in ("COMMITTED", "TRAPPED")]
+    assert "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("error: lost the connection to postgresql://"), err
+
+
+@pytest.mark.parametrize("traps", [["append-quarantine:3", "before-commit:4", "after-commit:2", "append-sources:5"]])
+def test_dropped_connection_at_chosen_points(market, reference, harness, pg_backend, tmp_path, traps):
+    """pg_terminate_backend of the writer inside a window (after its data, before COMMIT),
+    right after a COMMIT and while offsets are written: one clear error line and exit 4;
+    the re-run completes with the tables of an uninterrupted run."""
+    backend, db = pg_backend, pg_backend.new(tmp_path)
+    total = sum(_rows(f) for f in _files(market))
+    cmd = _replay_cmd(harness, market, db, 1500)
+    for trap in traps:
+        p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             env=dict(os.environ, SA_TRAP=trap, SA_TRAP_RESUME="1"))
+        assert p.stderr is not None and p.stdin is not None
+        line = p.stderr.readline()
+        assert line.strip() == b"TRAPPED", line + p.stderr.read()
+        assert backend.terminate_writers() == 1
+        _, err = p.communicate(b"go\n", timeout=60)
+        assert p.returncode == 4, err.decode()
+        _storage_error(err.decode())
+    _finish(cmd)
+    _check_against(db, reference, total)
+
+
+def test_dropped_connection_at_random_moments(market, reference, harness, pg_backend, tmp_path):
+    backend, db = pg_backend, pg_backend.new(tmp_path)
+    total = sum(_rows(f) for f in _files(market))
+    cmd = _replay_cmd(harness, market, db, 600)
+    rng = random.Random(SEED + 3)
+    dropped = 0
+    for _ in range(4):
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             env=dict(os.environ, SA_TRAP=":0", SA_ANNOUNCE="1"))
+        assert p.stderr is not None
+        for _ in range(rng.randint(1, 5)):
+            if p.stderr.readline().strip() != b"COMMITTED":
+                break
+        time.sleep(rng.uniform(0.0, 0.05))
+        terminated = backend.terminate_writers()
+        _, err = p.communicate(timeout=60)
+        if p.returncode == 0:  # it finished before the drop
+            break
+        assert terminated == 1 and p.returncode == 4, err.decode()
+        _storage_error(err.decode())
+        dropped += 1
+    assert dropped >= 2
+    _finish(cmd)
+    _check_against(db, reference, total)
+

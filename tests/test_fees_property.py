@@ -46,12 +46,12 @@ trades_strategy = st.lists(
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=trades_strategy, window=st.sampled_from([1, 3, 1000]))
-def test_fees_match_decimal_and_netting_balances(tmp_path_factory, rows, window):
+def test_fees_match_decimal_and_netting_balances(tmp_path_factory, backend, rows, window):
     root = tmp_path_factory.mktemp("fees")
     ref = write_refdata(root, holdings=[("A1", "XSHG", "600000", 5000), ("A2", "XSHG", "600001", 700)])
     trades = [trade(i + 1, b, s, q, str(p), sec, day) for i, (b, s, q, p, day, sec) in enumerate(rows)]
     f = write_trades(root / "t.parquet", trades)
-    db = str(root / "db.duckdb")
+    db = backend.new(root)
     report = replay([str(f)], str(ref), db, window_rows=window)
     assert report.rows_accepted == len(rows)
     with open_target(db) as t:

@@ -24,11 +24,11 @@ def _check(root: Path, db: str, window: int) -> None:
     assert report.rows_quarantined == expected.height
 
 
-def test_bundled_sample(tmp_path):
-    _check(SAMPLE, str(tmp_path / "s.duckdb"), 1000)
+def test_bundled_sample(new_target):
+    _check(SAMPLE, new_target("s"), 1000)
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "csv"])
-def test_generated_market(tmp_path, fmt):
+def test_generated_market(tmp_path, new_target, fmt):
     generate_market(tmp_path / "m", MarketSpec(trades=4000, seed=5, bad_rate=0.06, cancel_rate=0.06, fmt=fmt))
-    _check(tmp_path / "m", str(tmp_path / "g.duckdb"), 700)
+    _check(tmp_path / "m", new_target("g"), 700)

@@ -136,9 +136,9 @@ def _bookkeeping(storage) -> dict[str, pl.DataFrame]:
 
 @pytest.mark.parametrize("resume", ["new_engine", "same_engine"])
 @pytest.mark.parametrize("fault", list(FAULTS))
-def test_faulty_stage_fails_window_and_commits_nothing(market, reference, tmp_path, fault, resume):
+def test_faulty_stage_fails_window_and_commits_nothing(market, reference, new_target, fault, resume):
     stages, invariant = FAULTS[fault]
-    db = str(tmp_path / "db.duckdb")
+    db = new_target()
     sources = discover([str(market / "trades")])
     ref = load_refdata(str(market / "refdata"))
     storage = open_storage(db)
@@ -192,9 +192,9 @@ def test_faulty_stage_fails_window_and_commits_nothing(market, reference, tmp_pa
     assert got["checkpoints"].select(cols).equals(reference["checkpoints"].select(cols))
 
 
-def test_cli_exit_3_on_failed_self_check(market, reference, tmp_path):
+def test_cli_exit_3_on_failed_self_check(market, reference, new_target):
     """The CLI turns a failed self-check into exit 3 and one `error:` line naming it."""
-    db = tmp_path / "db.duckdb"
+    db = new_target()
     script = textwrap.dedent(
         f"""
         import sys

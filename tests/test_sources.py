@@ -24,9 +24,9 @@ def mem_market(tmp_path):
     fs.rm(root, recursive=True)
 
 
-def test_memory_urls_match_local_files(mem_market, tmp_path):
+def test_memory_urls_match_local_files(mem_market, new_target):
     s, root = mem_market
-    mem_db, loc_db = str(tmp_path / "mem.duckdb"), str(tmp_path / "loc.duckdb")
+    mem_db, loc_db = new_target("mem"), new_target("loc")
     replay([f"memory://{root}/trades"], f"memory://{root}/refdata", mem_db, window_rows=64)
     replay([str(Path(s.refdata_dir).parent / "trades" / "*.parquet")], s.refdata_dir, loc_db, window_rows=101)
     with open_target(mem_db) as a, open_target(loc_db) as b:

@@ -1,8 +1,13 @@
 """Embedded DuckDB backend: a TARGET that is a file path (or `duckdb://path`).
 
 Data model: one DuckDB file holding the tables of schema.STORAGE and the views of
-sql/views.sql. DuckDB admits one writing process; readers open the file read-only and
-see committed windows only.
+sql/views.sql.
+
+Readers: DuckDB admits one process at a time while one writes (its file lock). Another
+process gets a one-line TargetError while a replay writes. Inside the writing process a
+reader shares the writer's database instance through its own connection (DuckDB's MVCC):
+`open_target` there, e.g. from a notebook thread beside `replay`, sees committed windows
+only. With no writer anywhere, any number of processes read the file read-only.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import pyarrow as pa
 from settle_arrow.storage.base import Storage, TargetError
 
 CHECKPOINT_THRESHOLD = "512MB"
+# Resolved path -> writer connections open in this process (readers here share their instance).
+_WRITERS: dict[str, int] = {}
 
 
 class DuckDBStorage(Storage):
@@ -29,19 +36,30 @@ class DuckDBStorage(Storage):
             # DuckDB opens an existing Parquet or CSV file as a read-only in-memory database:
             # a replay "into" it would succeed and keep nothing. Only real DuckDB files pass.
             raise TargetError(f"cannot open {path} as a DuckDB database: it is not a DuckDB file")
+        self._key = str(p.resolve())
+        # A reader in the process that writes the file opens it with the writer's settings, so
+        # DuckDB hands it the same database instance (a read-only open would be refused).
+        shared = read_only and _WRITERS.get(self._key, 0) > 0
+        self._writer = not read_only
+        if self._writer:  # registered before connecting: a reader racing this open shares it
+            _WRITERS[self._key] = _WRITERS.get(self._key, 0) + 1
         try:
-            self.con = duckdb.connect(str(p), read_only=read_only)
-        except duckdb.IOException as exc:
-            msg = str(exc).splitlines()[0]
-            if "lock" in msg.lower():
-                raise TargetError(f"{path} is in use by another process (a replay writing it?)") from None
-            raise TargetError(f"cannot open {path} as a DuckDB database: {msg}") from None
+            self.con = duckdb.connect(str(p), read_only=read_only and not shared)
         except duckdb.Error as exc:
-            raise TargetError(f"cannot open {path} as a DuckDB database: {str(exc).splitlines()[0]}") from None
+            self._unregister()
+            raise _open_error(path, str(exc).splitlines()[0], read_only) from None
+        except BaseException:
+            self._unregister()
+            raise
         if not read_only:
             # The default 16 MB threshold checkpoints every few windows inside COMMIT (~100 ms
             # each, measured); a larger WAL keeps commits small and is replayed on restart.
             self.con.execute(f"SET checkpoint_threshold = '{CHECKPOINT_THRESHOLD}'")
+
+    def _unregister(self) -> None:
+        if self._writer:
+            self._writer = False
+            _WRITERS[self._key] -= 1
 
     def _execute(self, sql: str, params: tuple = ()) -> None:
         self.con.execute(sql, list(params))
@@ -72,7 +90,22 @@ class DuckDBStorage(Storage):
         return {r[0] for r in self.con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
 
     def close(self) -> None:
+        self._unregister()
         self.con.close()
+
+
+def _open_error(path: str, msg: str, read_only: bool) -> TargetError:
+    if "lock" in msg.lower():
+        if read_only:
+            return TargetError(
+                f"{path} is in use by another process (a replay writing it?): DuckDB lets no other process "
+                "read it meanwhile; read it after the run, from the replay's own process, or replay into a "
+                "postgresql:// TARGET"
+            )
+        return TargetError(f"{path} is in use by another process (a replay writing it?)")
+    if "different configuration" in msg:
+        return TargetError(f"{path} is open read-only in this process: close its readers (open_target) before writing it")
+    return TargetError(f"cannot open {path} as a DuckDB database: {msg}")
 
 
 def _is_duckdb_file(p: Path) -> bool:
