@@ -131,7 +131,6 @@ class GenerateSummary:
 # --------------------------------------------------------------------------------------------
 # constants
 
-_EPOCH = datetime.date(1970, 1, 1)
 _FMTS = ("parquet", "csv")
 _ROW_GROUP = 1_000_000
 
@@ -220,10 +219,6 @@ _BROKERS = ("华泰", "中信", "国泰君安", "招商", "广发", "海通", "�
 
 # --------------------------------------------------------------------------------------------
 # small helpers
-
-
-def _days(d: datetime.date) -> int:
-    return (d - _EPOCH).days
 
 
 def _decimal(values: np.ndarray, typ: pa.DataType, valid: np.ndarray | None = None) -> pa.Array:

@@ -49,14 +49,13 @@ def recover(storage: Storage, ref: RefData, dims: DimIds) -> EngineState:
     keys, ok = trade_keys(market, facts["trade_date"], facts["trade_id"])
     assert ok.all(), "accepted trades always have packable keys"
     n = (facts["sign"] == 1).to_numpy()
+    account_of, unit_of = DimIds.inverse(dims.account), DimIds.inverse(dims.unit)
     acc = {
         "sec_idx": _to_ref(DimIds.inverse(dims.security), facts["sec_id"].to_numpy()),
         "price_milli": (facts["price"] * 1000).cast(pl.Int64).to_numpy(),
         "quantity": facts["quantity"].to_numpy(),
-        **{f"{side}_acct_idx": _to_ref(DimIds.inverse(dims.account), facts[f"{side}_account_id"].to_numpy())
-           for side in ("buy", "sell")},
-        **{f"{side}_unit_idx": _to_ref(DimIds.inverse(dims.unit), facts[f"{side}_unit_id"].to_numpy())
-           for side in ("buy", "sell")},
+        **{f"{side}_acct_idx": _to_ref(account_of, facts[f"{side}_account_id"].to_numpy()) for side in ("buy", "sell")},
+        **{f"{side}_unit_idx": _to_ref(unit_of, facts[f"{side}_unit_id"].to_numpy()) for side in ("buy", "sell")},
     }
     state.accepted.insert(keys[n], {k: v[n] for k, v in acc.items()})
     refs, _ = trade_keys(market, facts["trade_date"], facts["ref_trade_id"])

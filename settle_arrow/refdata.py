@@ -69,9 +69,6 @@ class StringIndex:
         self._slot_hash[pos] = hashes[order]
         self._slot_id[pos] = order
 
-    def __len__(self) -> int:
-        return len(self._values)
-
     def lookup(self, keys: pl.Series) -> np.ndarray:
         """ids of `keys` (int64), -1 where absent or null."""
         keys = keys.cast(pl.String)

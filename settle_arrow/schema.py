@@ -36,7 +36,6 @@ FEE_COLUMNS = {
     "MANAGEMENT": "management_fee",
     "TRANSFER": "transfer_fee",
 }
-SIDES = ("BUY", "SELL")
 
 QUARANTINE_REASONS = (
     "SCHEMA",
@@ -263,10 +262,6 @@ KEYS = {
     "exceptions": ("code", "market", "security_id", "account_id", "trade_date"),
     "checkpoints": ("window_id",),
 }
-
-# Columns of checkpoints that record when/how a run happened rather than what it computed;
-# SPEC §8 exempts them from the "same tables for any windowing" rule.
-CHECKPOINT_BOOKKEEPING = ("window_id", "source", "offset", "rows", "committed_at", "digest")
 
 
 def empty(schema: pa.Schema) -> pa.Table:

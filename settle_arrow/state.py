@@ -129,14 +129,6 @@ class SortedRuns:
             order = np.argsort(merged, kind="stable")
             self.runs.append((merged[order], {c: np.concatenate([c1[c], c2[c]])[order] for c in c1}))
 
-    def items(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """All keys (sorted) and payloads, merged."""
-        if not self.runs:
-            return np.empty(0, dtype=self.dtype), {c: np.empty(0, dtype=t) for c, t in self.payload_types.items()}
-        keys = np.concatenate([k for k, _ in self.runs])
-        order = np.argsort(keys, kind="stable")
-        cols = {c: np.concatenate([cols[c] for _, cols in self.runs])[order] for c in self.payload_types}
-        return keys[order], cols
 
 
 ACCEPTED_PAYLOAD = {
