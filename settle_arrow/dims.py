@@ -64,20 +64,17 @@ def _assign(storage: Storage, table: str, keys: pl.DataFrame) -> tuple[np.ndarra
     return ids, new_rows
 
 
-def sync_dims(storage: Storage, ref: RefData, sources: list[str]) -> DimIds:
-    """Ids for every reference key and source; unseen ones are added in one transaction.
-    (Once per engine: reading a million-row dimension costs ~0.5 s.)"""
+def sync_dims(storage: Storage, ref: RefData) -> DimIds:
+    """Ids for every reference key; unseen ones are added in one transaction. Sources come
+    per run (with_sources). Once per engine: reading a million-row dimension costs ~0.5 s."""
     account, a_new = _assign(storage, "dim_account", ref.accounts.select("account_id"))
     unit, u_new = _assign(storage, "dim_unit", ref.units.select("unit_id"))
     part, p_new = _assign(storage, "dim_participant", ref.participants.select("participant_id"))
     sec, s_new = _assign(
         storage, "dim_security", ref.securities.select("market", "security_id", "security_type", "currency")
     )
-    src, src_new = _assign(storage, "dim_source", pl.DataFrame({"source": sources}, schema={"source": pl.String}))
-    storage.append_tables(
-        {"dim_account": a_new, "dim_unit": u_new, "dim_participant": p_new, "dim_security": s_new, "dim_source": src_new}
-    )
-    return DimIds(account, unit, part, sec, dict(zip(sources, src.tolist(), strict=True)))
+    storage.append_tables({"dim_account": a_new, "dim_unit": u_new, "dim_participant": p_new, "dim_security": s_new})
+    return DimIds(account, unit, part, sec, {})
 
 
 def with_sources(storage: Storage, dims: DimIds, sources: list[str]) -> DimIds:

@@ -169,7 +169,7 @@ class Engine:
         self.stages = stages
         storage.ensure_schema()
         self._init_opening()
-        self.dims = sync_dims(storage, refdata, [])
+        self.dims = sync_dims(storage, refdata)
         self.state = recover(storage, refdata, self.dims)
         self._delta_rows = {name: storage.count(name) for name in schema.DELTAS}
         self._folded_rows = dict(self._delta_rows)

@@ -75,8 +75,7 @@ def recover(storage: Storage, ref: RefData, dims: DimIds) -> EngineState:
 
     h = _frame(storage.query("SELECT account_id, market, security_id, quantity FROM holdings"))
     acct = ref.account_index.lookup(h["account_id"])
-    sec = h.join(ref.securities.select("market", "security_id", "sec_idx"), on=["market", "security_id"],
-                 how="left", maintain_order="left")["sec_idx"].fill_null(-1).to_numpy()
+    sec = ref.sec_idx(h).fill_null(-1).to_numpy()
     known = (acct >= 0) & (sec >= 0)
     assert known.all(), "holdings name an account or security missing from reference data"
     state.holdings.insert(state.holding_keys(acct, sec), {"quantity": h["quantity"].to_numpy()})
@@ -85,8 +84,7 @@ def recover(storage: Storage, ref: RefData, dims: DimIds) -> EngineState:
         "SELECT account_id, market, security_id, trade_date FROM exceptions WHERE code = 'NEGATIVE_HOLDING'"
     ))
     acct = ref.account_index.lookup(e["account_id"])
-    sec = e.join(ref.securities.select("market", "security_id", "sec_idx"), on=["market", "security_id"],
-                 how="left", maintain_order="left")["sec_idx"].fill_null(0).to_numpy()
+    sec = ref.sec_idx(e).fill_null(0).to_numpy()
     day = e["trade_date"].cast(pl.Int32).to_numpy().astype(np.int64) - DAY0
     state.reported.insert(np.unique((state.holding_keys(acct, sec) << DAY_BITS) | day))
     return state

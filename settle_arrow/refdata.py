@@ -114,6 +114,13 @@ class RefData:
     tables: dict[str, pl.DataFrame]  # typed tables as loaded, for later stages and exports
     opening_digest: str
 
+    def sec_idx(self, keys: pl.DataFrame) -> pl.Series:
+        """sec_idx of each (market, security_id) row of `keys`, in order; null where unknown."""
+        return keys.select("market", "security_id").join(
+            self.securities.select("market", "security_id", "sec_idx"),
+            on=["market", "security_id"], how="left", maintain_order="left",
+        )["sec_idx"]
+
     def business_days(self, market: str) -> np.ndarray:
         return self.calendars.get(market, np.empty(0, dtype=np.int32))
 

@@ -80,12 +80,7 @@ class Validate:
         )
         detail = typed.select(_schema_detail(typed).alias("d"))["d"]
 
-        sec = typed.select("market", "security_id").join(
-            ref.securities.select("market", "security_id", "sec_idx"),
-            on=["market", "security_id"],
-            how="left",
-            maintain_order="left",
-        )["sec_idx"]
+        sec = ref.sec_idx(typed)
         ids = {
             "buy_unit_idx": ref.unit_index.lookup(typed["buy_unit"]),
             "sell_unit_idx": ref.unit_index.lookup(typed["sell_unit"]),
