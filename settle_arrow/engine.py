@@ -7,9 +7,11 @@ storage.commit_window -> state effects.
 Invariants:
   * one Python iteration per window, never per row;
   * a window's outputs, its checkpoint and the new source offsets commit in one
-    transaction; in-memory state changes only after that commit; on restart the offsets
-    say where to resume and recovery rebuilds the state, so every input row is processed
-    exactly once whatever moment the process dies at;
+    transaction, in window order, on the commit lane (pipeline.py) while the next window
+    is processed; in-memory state runs at most one window ahead of the database and is
+    rebuilt from it after any failed commit; on restart the offsets say where to resume
+    and recovery rebuilds the state, so every input row is processed exactly once
+    whatever moment the process dies at;
   * a window whose self-checks fail is not committed and stops the run.
 """
 
@@ -25,10 +27,11 @@ import polars as pl
 import pyarrow as pa
 
 from settle_arrow import checks, schema
-from settle_arrow.dims import sync_dims, trade_facts, with_sources
+from settle_arrow.dims import opening_ids, sync_dims, trade_facts, with_sources
 from settle_arrow.errors import SelfCheckError, UserError
 from settle_arrow.io.files import SourceError, SourceFile, discover, read_batches, read_schema
 from settle_arrow.io.parse import ColumnTypeError, coerce, to_text
+from settle_arrow.pipeline import CommitLane, prefetch
 from settle_arrow.recovery import recover
 from settle_arrow.refdata import RefData, RefDataError, load_refdata
 from settle_arrow.stages.base import Stage, StageContext, Window
@@ -168,31 +171,34 @@ class Engine:
         self.refdata = refdata
         self.stages = stages
         storage.ensure_schema()
-        self._init_opening()
         self.dims = sync_dims(storage, refdata)
+        self._init_opening()
         self.state = recover(storage, refdata, self.dims)
         self._delta_rows = {name: storage.count(name) for name in schema.DELTAS}
         self._folded_rows = dict(self._delta_rows)
         self._legs_since_snapshot = 2 * storage.trade_rows_since_snapshot()
+        self._state_ahead = False
 
     def _init_opening(self) -> None:
         meta = self.storage.meta()
         digest = meta.get("opening_digest")
+        ref = self.refdata
         if digest is None:
-            opening = self.refdata.tables["holdings"].select(schema.OUTPUT["holdings"].names).to_arrow()
-            self.storage.init_opening(opening, self.refdata.opening_digest)
-        elif digest != self.refdata.opening_digest and not self._same_opening():
+            self.storage.init_opening(opening_ids(ref, self.dims).to_arrow(), ref.opening_digest, ref.opening_file_sha256)
+        elif meta.get("opening_file_sha256") == ref.opening_file_sha256:
+            return  # the very file the TARGET was started with: nothing to load or compare
+        elif digest != ref.opening_digest and not self._same_opening():
             raise RefDataError(
                 f"reference holdings differ from the opening holdings {self.storage.url} was started with"
             )
 
     def _same_opening(self) -> bool:
-        """Exact comparison with the stored opening holdings (when the fingerprint differs)."""
-        cols = list(schema.OUTPUT["holdings"].names)
+        """Exact comparison with the stored opening holdings (when the fingerprint differs);
+        dimension ids never change meaning, so equal ids are equal keys."""
+        cols = list(schema.HOLDINGS_IDS.names)
         stored = pl.from_arrow(self.storage.query(f"SELECT {', '.join(cols)} FROM opening_holdings"))
         assert isinstance(stored, pl.DataFrame)
-        mine = self.refdata.tables["holdings"].select(cols)
-        return stored.sort(cols).equals(mine.sort(cols))
+        return stored.sort(cols).equals(opening_ids(self.refdata, self.dims).sort(cols))
 
     def process(self, window_id: int, frame: pl.DataFrame) -> Window:
         """Run the stages over one window's input rows (no I/O, no state change)."""
@@ -220,32 +226,34 @@ class Engine:
         reasons: Counter[str] = Counter()
         read = accepted = windows = 0
         window_id = self.storage.max_window_id()
-        self.dims = dims = with_sources(self.storage, self.dims, [s.url for s in sources])
-        for raw in _windows(sources, done, window_rows):
-            window_id += 1
-            window = self.process(window_id, raw.frame)
-            problems = checks.window_violations(window)
-            if problems:
-                self.storage.record_self_check(window_id, problems)
-                raise SelfCheckError(f"window {window_id} not committed: {problems[0]}")
-            appends = {n: window.frames[n].to_arrow() for n in schema.WINDOW_APPENDS if n != "trade_facts"}
-            appends["trade_facts"] = trade_facts(window.frames["cleared"], self.refdata, dims).to_arrow()
-            self.storage.commit_window(
-                window_id,
-                appends,
-                {"source": raw.last_source, "offset": raw.last_offset, "rows": raw.frame.height, "digest": _digest(window)},
-                raw.progress,
-            )
-            for effect in window.effects:
-                effect()
-            self._maybe_compact(window)
-            q = window.frames["quarantine"]
-            reasons.update(dict(q.group_by("reason").len().iter_rows()) if q.height else {})
-            read += raw.frame.height
-            accepted += window.frames["accepted"].height
-            windows += 1
-            if on_window:
-                on_window(read, windows)
+        self.dims = with_sources(self.storage, self.dims, [s.url for s in sources])
+        if self._state_ahead:  # an earlier run stopped with state past its last commit
+            self.state = recover(self.storage, self.refdata, self.dims)
+            self._state_ahead = False
+        with CommitLane() as lane:
+            for raw in prefetch(_windows(sources, done, window_rows)):
+                window_id += 1
+                window = self.process(window_id, raw.frame)
+                problems = checks.window_violations(window)
+                if problems:
+                    lane.drain()  # the windows before this one commit: state = database again
+                    self._state_ahead = False
+                    self.storage.record_self_check(window_id, problems)
+                    raise SelfCheckError(f"window {window_id} not committed: {problems[0]}")
+                # State runs ahead of the database by at most this window, so the next one
+                # can be processed while this one commits; if the commit fails the run stops
+                # and the state is rebuilt from the database before any further run.
+                self._state_ahead = True
+                for effect in window.effects:
+                    effect()
+                q = window.frames["quarantine"]
+                reasons.update(dict(q.group_by("reason").len().iter_rows()) if q.height else {})
+                read += raw.frame.height
+                accepted += window.frames["accepted"].height
+                windows += 1
+                done_cb = (lambda r=read, w=windows: on_window(r, w)) if on_window else None
+                lane.submit(self._commit_job(window, raw, len(self.state.holdings)), done_cb)
+        self._state_ahead = False
         problems = self.storage.verify()
         self.storage.record_self_check(window_id, problems)
         if problems:
@@ -263,15 +271,35 @@ class Engine:
             self_check="OK",
         )
 
-    def _maybe_compact(self, window: Window) -> None:
-        for name in schema.DELTAS:
-            self._delta_rows[name] += window.frames[name].height
-            if self._delta_rows[name] > max(COMPACT_ROWS_MIN, COMPACT_GROWTH * self._folded_rows[name]):
-                self._folded_rows[name] = self._delta_rows[name] = self.storage.compact(name)
-        self._legs_since_snapshot += 2 * window.frames["cleared"].height
-        if self._legs_since_snapshot > max(COMPACT_ROWS_MIN, COMPACT_GROWTH * len(self.state.holdings)):
-            self.storage.snapshot_holdings(window.window_id)
-            self._legs_since_snapshot = 0
+    def _commit_job(self, window: Window, raw: _RawWindow, holdings_rows: int) -> Callable[[], None]:
+        """The window's commit and any compaction it makes due, as one job for the commit
+        lane. Jobs run one at a time in window order, so the row counters they keep are
+        only ever touched by the job running."""
+        dims, ref, storage = self.dims, self.refdata, self.storage
+
+        def job() -> None:
+            due = []
+            for name in schema.DELTAS:
+                self._delta_rows[name] += window.frames[name].height
+                if self._delta_rows[name] > max(COMPACT_ROWS_MIN, COMPACT_GROWTH * self._folded_rows[name]):
+                    due.append(name)
+            self._legs_since_snapshot += 2 * window.frames["cleared"].height
+            snapshot = self._legs_since_snapshot > max(COMPACT_ROWS_MIN, COMPACT_GROWTH * holdings_rows)
+            appends = {n: window.frames[n].to_arrow() for n in schema.WINDOW_APPENDS if n != "trade_facts"}
+            appends["trade_facts"] = trade_facts(window.frames["cleared"], ref, dims).to_arrow()
+            storage.commit_window(
+                window.window_id,
+                appends,
+                {"source": raw.last_source, "offset": raw.last_offset, "rows": raw.frame.height, "digest": _digest(window)},
+                raw.progress,
+            )
+            for name in due:
+                self._folded_rows[name] = self._delta_rows[name] = storage.compact(name)
+            if snapshot:
+                storage.snapshot_holdings(window.window_id)
+                self._legs_since_snapshot = 0
+
+        return job
 
 
 def replay(

@@ -2,7 +2,7 @@
 
 Data model: storage tables -> EngineState (see state.py): seen keys from trade_facts and
 quarantine, accepted N trades and cancellations from trade_facts (integer ids mapped back
-to reference rows through dims.DimIds), holdings from the holdings view, reported
+to reference rows through dims.DimIds), holdings from holdings_snapshot plus holdings_legs (integer ids only), reported
 exceptions from exceptions.
 
 Invariant: the rebuilt state equals the state the writer held right after its last
@@ -19,7 +19,7 @@ from settle_arrow import schema
 from settle_arrow.dims import DimIds
 from settle_arrow.io.parse import coerce
 from settle_arrow.refdata import RefData
-from settle_arrow.state import DAY0, DAY_BITS, ODD_KEY_SCHEMA, EngineState, trade_keys
+from settle_arrow.state import DAY0, DAY_BITS, ODD_KEY_SCHEMA, EngineState, trade_keys, unique_sorted
 from settle_arrow.storage.base import Storage
 
 
@@ -49,9 +49,9 @@ def recover(storage: Storage, ref: RefData, dims: DimIds) -> EngineState:
     keys, ok = trade_keys(market, facts["trade_date"], facts["trade_id"])
     assert ok.all(), "accepted trades always have packable keys"
     n = (facts["sign"] == 1).to_numpy()
-    account_of, unit_of = DimIds.inverse(dims.account), DimIds.inverse(dims.unit)
+    account_of, unit_of, sec_of = DimIds.inverse(dims.account), DimIds.inverse(dims.unit), DimIds.inverse(dims.security)
     acc = {
-        "sec_idx": _to_ref(DimIds.inverse(dims.security), facts["sec_id"].to_numpy()),
+        "sec_idx": _to_ref(sec_of, facts["sec_id"].to_numpy()),
         "price_milli": (facts["price"] * 1000).cast(pl.Int64).to_numpy(),
         "quantity": facts["quantity"].to_numpy(),
         **{f"{side}_acct_idx": _to_ref(account_of, facts[f"{side}_account_id"].to_numpy()) for side in ("buy", "sell")},
@@ -69,16 +69,22 @@ def recover(storage: Storage, ref: RefData, dims: DimIds) -> EngineState:
         & ~pl.any_horizontal(pl.col([f"{c}__bad" for c in ODD_KEY_SCHEMA]))
     ).select(list(ODD_KEY_SCHEMA))
     qkeys, qok = trade_keys(parsed["market"], parsed["trade_date"], parsed["trade_id"])
-    all_keys = np.unique(np.concatenate([keys, qkeys[qok]]))
+    all_keys = unique_sorted(np.concatenate([keys, qkeys[qok]]))
     state.seen.insert(all_keys)
     state.odd_seen = parsed.filter(pl.Series(~qok)).unique(maintain_order=True)
 
-    h = _frame(storage.query("SELECT account_id, market, security_id, quantity FROM holdings"))
-    acct = ref.account_index.lookup(h["account_id"])
-    sec = ref.sec_idx(h).fill_null(-1).to_numpy()
-    known = (acct >= 0) & (sec >= 0)
-    assert known.all(), "holdings name an account or security missing from reference data"
-    state.holdings.insert(state.holding_keys(acct, sec), {"quantity": h["quantity"].to_numpy()})
+    # Holdings: the snapshot (stored in key order, unique keys) as one run, then the legs
+    # since it as deltas; zero positions may stay in memory (a missing key reads as zero).
+    for i, part in enumerate(("holdings_snapshot", "holdings_legs")):
+        h = _frame(storage.query(f"SELECT acct_id, sec_id, quantity FROM {part}"))
+        acct = _to_ref(account_of, h["acct_id"].to_numpy())
+        sec = _to_ref(sec_of, h["sec_id"].to_numpy())
+        assert ((acct >= 0) & (sec >= 0)).all(), "holdings name an account or security missing from reference data"
+        keys_h, qty = state.holding_keys(acct, sec), h["quantity"].to_numpy()
+        if i == 0:
+            state.holdings.insert(keys_h, {"quantity": qty})
+        else:
+            state.apply_holdings(keys_h, qty)
 
     e = _frame(storage.query(
         "SELECT account_id, market, security_id, trade_date FROM exceptions WHERE code = 'NEGATIVE_HOLDING'"
@@ -86,5 +92,5 @@ def recover(storage: Storage, ref: RefData, dims: DimIds) -> EngineState:
     acct = ref.account_index.lookup(e["account_id"])
     sec = ref.sec_idx(e).fill_null(0).to_numpy()
     day = e["trade_date"].cast(pl.Int32).to_numpy().astype(np.int64) - DAY0
-    state.reported.insert(np.unique((state.holding_keys(acct, sec) << DAY_BITS) | day))
+    state.reported.insert(unique_sorted((state.holding_keys(acct, sec) << DAY_BITS) | day))
     return state

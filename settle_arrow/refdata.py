@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import hashlib
 
 import fsspec
@@ -107,12 +108,29 @@ class RefData:
     fees: pl.DataFrame
     calendars: dict[str, np.ndarray]
     calendar_keys: np.ndarray  # sorted (market code << 32 | day) of every business day
-    opening: pl.DataFrame  # acct_idx, sec_idx, quantity
     unit_index: StringIndex
     account_index: StringIndex
     unit_participant: np.ndarray  # unit_idx -> participant string position in participants
-    tables: dict[str, pl.DataFrame]  # typed tables as loaded, for later stages and exports
-    opening_digest: str
+    tables: dict[str, pl.DataFrame]  # typed tables as loaded (all but holdings), for later stages
+    dir_url: str
+    # sha256 of the holdings file's bytes: equal bytes are equal opening holdings, so a
+    # restart need not load, check and encode ten million rows it already checked once.
+    opening_file_sha256: str
+
+    @functools.cached_property
+    def _opening(self) -> tuple[pl.DataFrame, str]:
+        return _load_opening(self.dir_url, self.securities, self.account_index)
+
+    @property
+    def opening(self) -> pl.DataFrame:
+        """Opening holdings: acct_idx, sec_idx, quantity (> 0, keys unique); loaded and
+        checked on first use."""
+        return self._opening[0]
+
+    @property
+    def opening_digest(self) -> str:
+        """Order-independent fingerprint of the opening holdings' rows."""
+        return self._opening[1]
 
     def sec_idx(self, keys: pl.DataFrame) -> pl.Series:
         """sec_idx of each (market, security_id) row of `keys`, in order; null where unknown."""
@@ -190,7 +208,8 @@ def load_refdata(dir_url: str) -> RefData:
     fs, _, (root,) = fsspec.get_fs_token_paths(dir_url)
     if not fs.isdir(root):
         raise RefDataError(f"reference data directory not found: {dir_url}")
-    tables = {name: _load_table(dir_url, name) for name in schema.REFDATA}
+    # Holdings, the one big table, load on first use (RefData.opening).
+    tables = {name: _load_table(dir_url, name) for name in schema.REFDATA if name != "holdings"}
 
     sec = tables["securities"].sort("market", "security_id")
     _unique(sec, ["market", "security_id"], "securities")
@@ -235,14 +254,45 @@ def load_refdata(dir_url: str) -> RefData:
     part_pos = {p: i for i, p in enumerate(parts["participant_id"].to_list())}
     unit_participant = np.array([part_pos[p] for p in units["participant_id"].to_list()], dtype=np.int32)
 
-    hold = tables["holdings"]
+    return RefData(
+        securities=sec,
+        units=units,
+        accounts=accounts,
+        participants=parts,
+        fees=fees,
+        calendars=calendars,
+        calendar_keys=np.sort(np.concatenate([
+            (np.int64(code) << 32) | calendars[m].astype(np.int64)
+            for m, code in schema.MARKET_CODES.items() if m in calendars
+        ] or [np.empty(0, np.int64)])),
+        unit_index=unit_index,
+        account_index=account_index,
+        unit_participant=unit_participant,
+        tables=tables,
+        dir_url=dir_url,
+        opening_file_sha256=_file_sha256(_find(dir_url, "holdings")),
+    )
+
+
+def _file_sha256(url: str | None) -> str:
+    h = hashlib.sha256()
+    if url is not None:
+        with fsspec.open(url, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _load_opening(dir_url: str, sec: pl.DataFrame, account_index: StringIndex) -> tuple[pl.DataFrame, str]:
+    """Load and check the holdings table; (opening, row digest)."""
+    hold = _load_table(dir_url, "holdings")
     if hold.filter(pl.col("quantity") <= 0).height:
         raise RefDataError("holdings: opening quantity must be > 0")
     acct_idx = account_index.lookup(hold["account_id"])
     if (acct_idx < 0).any():
         raise RefDataError(f"holdings: account {hold['account_id'][int(np.argmax(acct_idx < 0))]!r} is not defined")
     opening = hold.with_columns(pl.Series("acct_idx", acct_idx)).join(
-        sec.select("market", "security_id", "sec_idx"), on=["market", "security_id"], how="left"
+        sec.select("market", "security_id", "sec_idx"), on=["market", "security_id"], how="left", maintain_order="left"
     )
     if opening["sec_idx"].null_count():
         row = opening.filter(pl.col("sec_idx").is_null()).row(0, named=True)
@@ -258,22 +308,4 @@ def load_refdata(dir_url: str) -> RefData:
     # Polars versions, so a mismatch is only a hint (the engine then compares exactly).
     digest = hashlib.sha256(f"polars-{pl.__version__}:".encode())
     digest.update(np.sort(hold.hash_rows(seed=7).to_numpy()).tobytes())
-
-    return RefData(
-        securities=sec,
-        units=units,
-        accounts=accounts,
-        participants=parts,
-        fees=fees,
-        calendars=calendars,
-        calendar_keys=np.sort(np.concatenate([
-            (np.int64(code) << 32) | calendars[m].astype(np.int64)
-            for m, code in schema.MARKET_CODES.items() if m in calendars
-        ] or [np.empty(0, np.int64)])),
-        opening=opening,
-        unit_index=unit_index,
-        account_index=account_index,
-        unit_participant=unit_participant,
-        tables=tables,
-        opening_digest=digest.hexdigest(),
-    )
+    return opening, digest.hexdigest()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 PRICE = pa.decimal128(12, 3)
 MONEY = pa.decimal128(18, 2)
@@ -281,6 +281,7 @@ def _with_window(s: pa.Schema) -> pa.Schema:
 # dictionary-encoded to an integer id (dim_* tables, append-only, ids never reused), which
 # cuts a window's write ~4x (measured); the `trades` view joins the strings back.
 _FEE_FIELDS = [(f"{side}_{col}", MONEY) for side in ("buy", "sell") for col in FEE_COLUMNS.values()]
+HOLDINGS_IDS = pa.schema([("acct_id", pa.int32()), ("sec_id", pa.int32()), ("quantity", pa.int64())])
 STORAGE = {
     "trade_facts": pa.schema(
         [
@@ -324,8 +325,10 @@ STORAGE = {
     "exceptions": _with_window(OUTPUT["exceptions"]),
     "obligations_securities_delta": _with_window(OUTPUT["obligations_securities"]),
     "obligations_cash_delta": _with_window(OUTPUT["obligations_cash"]),
-    "holdings_snapshot": _with_window(OUTPUT["holdings"]),
-    "opening_holdings": OUTPUT["holdings"],
+    # Holdings state keyed by dimension ids (acct_id -> dim_account.id, sec_id ->
+    # dim_security.id): recovery, snapshots and the conservation check never touch strings.
+    "holdings_snapshot": _with_window(HOLDINGS_IDS),
+    "opening_holdings": HOLDINGS_IDS,
     "checkpoints": OUTPUT["checkpoints"],
     # Exactly-once bookkeeping: how far each input file has been committed.
     "sources": pa.schema(

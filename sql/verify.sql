@@ -10,12 +10,14 @@ SELECT market, trade_date, SUM(net_amount) AS net,
 FROM obligations_cash GROUP BY market, trade_date
 HAVING SUM(net_amount) <> -SUM(stamp_duty + handling_fee + management_fee + transfer_fee);
 -- name: holdings_conserved
-SELECT market, security_id, SUM(quantity) AS now, MIN(opening) AS opening
+SELECT sec_id, SUM(quantity) AS now, SUM(opening) AS opening
 FROM (
-  SELECT market, security_id, quantity, 0 AS opening FROM holdings
+  SELECT sec_id, quantity, 0 AS opening FROM holdings_snapshot
   UNION ALL
-  SELECT market, security_id, 0 AS quantity, quantity AS opening FROM opening_holdings
-) t GROUP BY market, security_id
+  SELECT sec_id, quantity, 0 AS opening FROM holdings_legs
+  UNION ALL
+  SELECT sec_id, 0 AS quantity, quantity AS opening FROM opening_holdings
+) t GROUP BY sec_id
 HAVING SUM(quantity) <> SUM(opening);
 -- name: trades_match_obligations
 SELECT a.q AS trades_quantity, b.q AS obligations_buy_quantity

@@ -26,31 +26,39 @@ HAVING SUM(net_amount) <> 0 OR SUM(buy_amount) <> 0 OR SUM(sell_amount) <> 0
     OR SUM(stamp_duty) <> 0 OR SUM(handling_fee) <> 0 OR SUM(management_fee) <> 0
     OR SUM(transfer_fee) <> 0;
 
--- Holdings: the last snapshot plus both legs of every trade committed after it. The
--- engine rewrites the snapshot when the trades since it outgrow it (no per-window writes).
--- Legs are summed on integer ids first, then their strings joined once per position.
-CREATE OR REPLACE VIEW holdings AS
-SELECT account_id, market, security_id, CAST(SUM(quantity) AS BIGINT) AS quantity
+-- Holdings by dimension ids: the last snapshot plus both legs of every trade committed
+-- after it (holdings_legs). The engine rewrites the snapshot, in key order, when the
+-- trades since it outgrow it (no per-window writes); recovery reads the snapshot and the
+-- legs apart and the conservation check sums them per security: neither touches strings.
+CREATE OR REPLACE VIEW holdings_legs AS
+SELECT acct_id, sec_id, CAST(SUM(quantity) AS BIGINT) AS quantity
 FROM (
-  SELECT account_id, market, security_id, quantity FROM holdings_snapshot
+  SELECT buy_account_id AS acct_id, sec_id, sign * quantity AS quantity
+  FROM trade_facts
+  WHERE window_id > (SELECT CAST(value AS BIGINT) FROM meta WHERE key = 'holdings_snapshot_window')
   UNION ALL
-  SELECT a.account_id, s.market, s.security_id, l.quantity
-  FROM (
-    SELECT buy_account_id AS account, sec_id, SUM(sign * quantity) AS quantity
-    FROM trade_facts
-    WHERE window_id > (SELECT CAST(value AS BIGINT) FROM meta WHERE key = 'holdings_snapshot_window')
-    GROUP BY buy_account_id, sec_id
-    UNION ALL
-    SELECT sell_account_id, sec_id, -SUM(sign * quantity)
-    FROM trade_facts
-    WHERE window_id > (SELECT CAST(value AS BIGINT) FROM meta WHERE key = 'holdings_snapshot_window')
-    GROUP BY sell_account_id, sec_id
-  ) l
-  JOIN dim_account a ON a.id = l.account
-  JOIN dim_security s ON s.id = l.sec_id
+  SELECT sell_account_id, sec_id, -(sign * quantity)
+  FROM trade_facts
+  WHERE window_id > (SELECT CAST(value AS BIGINT) FROM meta WHERE key = 'holdings_snapshot_window')
+) l
+GROUP BY acct_id, sec_id;
+
+CREATE OR REPLACE VIEW holdings_ids AS
+SELECT acct_id, sec_id, CAST(SUM(quantity) AS BIGINT) AS quantity
+FROM (
+  SELECT acct_id, sec_id, quantity FROM holdings_snapshot
+  UNION ALL
+  SELECT acct_id, sec_id, quantity FROM holdings_legs
 ) h
-GROUP BY account_id, market, security_id
+GROUP BY acct_id, sec_id
 HAVING SUM(quantity) <> 0;
+
+-- Holdings (SPEC §5): strings joined once per position.
+CREATE OR REPLACE VIEW holdings AS
+SELECT a.account_id, s.market, s.security_id, h.quantity
+FROM holdings_ids h
+JOIN dim_account a ON a.id = h.acct_id
+JOIN dim_security s ON s.id = h.sec_id;
 
 -- Trades: integer-keyed facts with their strings joined back from the dimensions.
 CREATE OR REPLACE VIEW trades AS

@@ -254,30 +254,34 @@ class Storage(abc.ABC):
             self._rollback()
             raise
 
-    def init_opening(self, opening: pa.Table, digest: str) -> None:
-        """One transaction: opening holdings, the first holdings snapshot, checkpoint 0."""
+    def init_opening(self, opening: pa.Table, digest: str, file_sha256: str) -> None:
+        """One transaction: opening holdings (dimension ids), the first holdings snapshot,
+        checkpoint 0."""
         window_id = self.max_window_id()
-        cols = ", ".join(f'"{c}"' for c in schema.OUTPUT["holdings"].names)
+        cols = ", ".join(f'"{c}"' for c in schema.HOLDINGS_IDS.names)
         self.commit_window(
             window_id=window_id,
             appends={},
             checkpoint={"source": "(opening holdings)", "offset": 0, "rows": opening.num_rows, "digest": digest[:16]},
             sources=(),
-            meta={"opening_digest": digest, schema.HOLDINGS_SNAPSHOT_KEY: str(window_id)},
+            meta={"opening_digest": digest, "opening_file_sha256": file_sha256, schema.HOLDINGS_SNAPSHOT_KEY: str(window_id)},
             extra={"opening_holdings": opening},
             # The snapshot is a copy made inside the database: no second transfer of the rows.
-            statements=(f"INSERT INTO holdings_snapshot SELECT {cols}, {int(window_id)} FROM opening_holdings",),
+            statements=(f"INSERT INTO holdings_snapshot SELECT {cols}, {int(window_id)} FROM opening_holdings "
+                        "ORDER BY acct_id, sec_id",),
         )
 
     def snapshot_holdings(self, window_id: int) -> int:
-        """Rewrite holdings_snapshot as the holdings view now (same view contents after)."""
+        """Rewrite holdings_snapshot as the holdings_ids view now (same view contents after)."""
         assert window_id >= 0
-        cols = ", ".join(f'"{c}"' for c in schema.OUTPUT["holdings"].names)
+        cols = ", ".join(f'"{c}"' for c in schema.HOLDINGS_IDS.names)
         self._begin()
         try:
-            self._execute(f"CREATE TEMP TABLE __holdings_next AS SELECT {cols} FROM holdings")
+            self._execute(f"CREATE TEMP TABLE __holdings_next AS SELECT {cols} FROM holdings_ids")
             self._execute("DELETE FROM holdings_snapshot")
-            self._execute(f"INSERT INTO holdings_snapshot SELECT {cols}, {int(window_id)} FROM __holdings_next")
+            # Key order: recovery then reads the snapshot as one sorted run, no sort of its own.
+            self._execute(f"INSERT INTO holdings_snapshot SELECT {cols}, {int(window_id)} FROM __holdings_next "
+                          "ORDER BY acct_id, sec_id")
             self._execute("DROP TABLE __holdings_next")
             self._execute("DELETE FROM meta WHERE key = ?", (schema.HOLDINGS_SNAPSHOT_KEY,))
             self._append("meta", pa.table({"key": [schema.HOLDINGS_SNAPSHOT_KEY], "value": [str(window_id)]}))
