@@ -15,6 +15,7 @@ import math
 import os
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -25,16 +26,19 @@ import duckdb
 
 from settle_arrow.generate import MarketSpec, generate_market
 
+RESTART_WINDOW = 100_000
+
 
 @dataclasses.dataclass(frozen=True)
 class BenchSpec:
     trades: int = 5_000_000
     accounts: int = 1_000_000
     securities: int = 2_000
-    holdings: int | None = None
+    holdings: int | None = 10_000_000  # the issue's state size: >= 10 M holdings rows
     days: int = 5
     windows: tuple[int, ...] = (10_000, 100_000)
     batch: bool = True
+    restart: bool = True  # SIGKILL a --window 100,000 replay halfway, time the restart
     out_dir: str = "bench_out"
     seed: int = 1
     db_kind: str = "duckdb"  # or "postgresql"
@@ -42,7 +46,7 @@ class BenchSpec:
 
     @staticmethod
     def quick(out_dir: str = "bench_out", **kw) -> BenchSpec:
-        return BenchSpec(trades=300_000, accounts=100_000, securities=500, days=2, out_dir=out_dir, **kw)
+        return BenchSpec(trades=300_000, accounts=100_000, securities=500, holdings=None, days=2, out_dir=out_dir, **kw)
 
 
 def floor_groupby(trade_glob: str, refdata: str) -> dict:
@@ -62,20 +66,30 @@ def floor_groupby(trade_glob: str, refdata: str) -> dict:
     return {"mode": "floor: DuckDB GROUP BY", "rows": rows // 2, "seconds": seconds}
 
 
-def run_one(paths: list[str], refdata: str, db: str, window: int | None) -> dict:
-    """One replay in this process; returns rate, window latencies and peak RSS."""
+def run_one(paths: list[str], refdata: str, db: str, window: int | None, kill_at_rows: int = 0) -> dict:
+    """One replay in this process; returns rate, window latencies, start-up and peak RSS.
+    `kill_at_rows` > 0: SIGKILL this process once that many rows have committed."""
     from settle_arrow.engine import replay
 
     stamps: list[float] = []
     sizes: list[int] = []
-    started = time.perf_counter()
-    report = replay(paths, refdata, db, window_rows=window or 1, batch=window is None,
-                    on_window=lambda rows, n: (stamps.append(time.perf_counter()), sizes.append(rows)))
+    ready: list[float] = []
+
+    def on_window(rows: int, n: int) -> None:
+        stamps.append(time.perf_counter())
+        sizes.append(rows)
+        if kill_at_rows and rows >= kill_at_rows:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    started, started_wall = time.perf_counter(), time.time()
+    report = replay(paths, refdata, db, window_rows=window or 1, batch=window is None, on_window=on_window,
+                    on_start=lambda _sources: ready.append(time.perf_counter()))
     wall = time.perf_counter() - started
     # Window latency from one commit to the next: the first window also carries start-up
     # (reference data, recovery), so it is reported in wall time, not in the latencies.
     gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)] or [wall]
     steady = (sizes[-1] - sizes[0]) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else report.rows_read / wall
+    spawned = float(os.environ.get("SETTLE_BENCH_SPAWNED", "nan"))  # wall clock at fork, set by the parent
     return {
         "rows": report.rows_read,
         "seconds": wall,
@@ -84,7 +98,24 @@ def run_one(paths: list[str], refdata: str, db: str, window: int | None) -> dict
         # Nearest-rank percentile: with few windows p99 is the slowest one.
         "window_p99_ms": 1000 * sorted(gaps)[min(len(gaps), math.ceil(len(gaps) * 0.99)) - 1],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # Reference data + opening the TARGET + rebuilding state, before the first window.
+        "startup_s": ready[0] - started if ready else wall,
+        # From process start (interpreter and imports included) to the first committed window.
+        "first_commit_s": (stamps[0] - started) + (started_wall - spawned) if stamps else math.nan,
     }
+
+
+def _child(market: Path, refdata: str, target: str, window: int | None, kill_at_rows: int = 0) -> dict | None:
+    """run_one in a fresh process (its own peak RSS); None when it was SIGKILLed as asked."""
+    cmd = [sys.executable, "-m", "settle_arrow.bench", str(market / "trades"), refdata, target, str(window or 0),
+           str(kill_at_rows)]
+    env = dict(os.environ, SETTLE_BENCH_SPAWNED=repr(time.time()))
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    if kill_at_rows and proc.returncode == -signal.SIGKILL:
+        return None
+    if proc.returncode:
+        raise RuntimeError(f"benchmark replay failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def run(spec: BenchSpec, echo=print) -> list[dict]:
@@ -92,8 +123,10 @@ def run(spec: BenchSpec, echo=print) -> list[dict]:
     market = out / "market"
     shutil.rmtree(market, ignore_errors=True)
     started = time.perf_counter()
+    # A small market cannot hold ten million distinct positions: cap at a quarter of the keys.
+    holdings = None if spec.holdings is None else min(spec.holdings, spec.accounts * spec.securities // 4)
     summary = generate_market(market, MarketSpec(trades=spec.trades, seed=spec.seed, accounts=spec.accounts,
-                                                 securities=spec.securities, holdings=spec.holdings, days=spec.days))
+                                                 securities=spec.securities, holdings=holdings, days=spec.days))
     echo(f"generated {summary.rows:,} trades in {time.perf_counter() - started:.1f}s into {market}")
     results = [floor_groupby(str(market / "trades" / "*.parquet"), summary.refdata_dir)]
     modes: list[int | None] = [*spec.windows, *([None] if spec.batch else [])]
@@ -111,14 +144,23 @@ def run(spec: BenchSpec, echo=print) -> list[dict]:
             name = f"bench_{window or 'batch'}"
             db = out / f"{name}.duckdb"
             db.unlink(missing_ok=True)
-            target = f"{pg_url}?schema={name}" if pg_db else str(db)
-            cmd = [sys.executable, "-m", "settle_arrow.bench", str(market / "trades"), summary.refdata_dir, target,
-                   str(window or 0)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if proc.returncode:
-                raise RuntimeError(f"benchmark replay failed: {proc.stderr.strip().splitlines()[-1:]}")
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            r = _child(market, summary.refdata_dir, f"{pg_url}?schema={name}" if pg_db else str(db), window)
+            assert r is not None
             r["mode"] = (f"replay --window {window:,}" if window else "replay --batch") + f" ({spec.db_kind})"
+            results.append(r)
+            db.unlink(missing_ok=True)
+        if spec.restart:
+            db = out / "bench_restart.duckdb"
+            db.unlink(missing_ok=True)
+            target = f"{pg_url}?schema=bench_restart" if pg_db else str(db)
+            # Killed once half the input has committed; small scales get smaller windows.
+            window = max(1, min(RESTART_WINDOW, summary.rows // 4))
+            killed = _child(market, summary.refdata_dir, target, window, kill_at_rows=max(1, summary.rows // 2))
+            if killed is not None:
+                raise RuntimeError("the replay to be killed finished first: too few trades for the restart measure")
+            r = _child(market, summary.refdata_dir, target, window)
+            assert r is not None
+            r["mode"] = f"restart after SIGKILL (--window {window:,}) ({spec.db_kind})"
             results.append(r)
             db.unlink(missing_ok=True)
     finally:
@@ -131,9 +173,45 @@ def run(spec: BenchSpec, echo=print) -> list[dict]:
     return results
 
 
+def targets(results: list[dict]) -> list[dict]:
+    """The issue's targets next to what this run measured (only those this run covers)."""
+    by = {r["mode"].split(" (")[0]: r for r in results}
+    rows = []
+
+    def add(what: str, goal: str, value: float | None, shown: str, met: bool) -> None:
+        if value is not None and not math.isnan(value):
+            rows.append({"target": what, "goal": goal, "measured": shown, "met": met})
+
+    w100, w10, batch = by.get("replay --window 100,000"), by.get("replay --window 10,000"), by.get("replay --batch")
+    restart = next((r for r in results if r["mode"].startswith("restart")), None)
+    streams = [r for r in (w100, w10) if r]
+    if w100:
+        add("100,000-row windows", ">= 2,000,000 trades/s", w100["trades_per_s"], f"{w100['trades_per_s']:,.0f} trades/s",
+            w100["trades_per_s"] >= 2e6)
+    if batch:
+        add(f"--batch of {batch['rows']:,} trades", ">= 3,000,000 trades/s", batch["trades_per_s"],
+            f"{batch['trades_per_s']:,.0f} trades/s", batch["trades_per_s"] >= 3e6)
+    if w10:
+        add("10,000-row windows", ">= 1,000,000 trades/s", w10["trades_per_s"], f"{w10['trades_per_s']:,.0f} trades/s",
+            w10["trades_per_s"] >= 1e6)
+        add("10,000-row windows, commit p99", "<= 50 ms", w10["window_p99_ms"], f"{w10['window_p99_ms']:,.0f} ms",
+            w10["window_p99_ms"] <= 50)
+    if streams:
+        rss = max(r["peak_rss_mb"] for r in streams)
+        add(f"streaming peak RSS ({streams[0]['rows']:,} trades)", "<= 4 GB (at 100 M trades)", rss, f"{rss / 1024:.2f} GB",
+            rss <= 4096)
+        best = min(r["floor_ratio"] for r in streams)
+        add("ratio to the DuckDB floor (best streaming mode)", "<= 10x", best, f"{best:,.0f}x", best <= 10)
+    if restart:
+        add("restart after SIGKILL: process start to first commit", "<= 5 s", restart["first_commit_s"],
+            f"{restart['first_commit_s']:.1f} s (state rebuilt in {restart['startup_s']:.1f} s)",
+            restart["first_commit_s"] <= 5)
+    return rows
+
+
 def main_one(argv: list[str]) -> None:
-    paths, refdata, db, window = argv
-    print(json.dumps(run_one([paths], refdata, db, int(window) or None)))
+    paths, refdata, db, window, kill_at_rows = argv
+    print(json.dumps(run_one([paths], refdata, db, int(window) or None, int(kill_at_rows))))
 
 
 if __name__ == "__main__":

@@ -207,7 +207,11 @@ def bench(
     trades: Annotated[int, typer.Option(help="trades to generate")] = 5_000_000,
     accounts: Annotated[int, typer.Option()] = 1_000_000,
     securities: Annotated[int, typer.Option()] = 2_000,
-    holdings: Annotated[int | None, typer.Option(help="opening holdings rows (default about 2 per account)")] = None,
+    holdings: Annotated[int, typer.Option(help="opening holdings rows (state size)")] = 10_000_000,
+    window: Annotated[list[int] | None, typer.Option(help="window sizes to replay (repeatable)")] = None,
+    batch: Annotated[bool, typer.Option("--batch/--no-batch", help="also replay the whole input as one window")] = True,
+    restart: Annotated[bool, typer.Option("--restart/--no-restart", help="SIGKILL a replay halfway, time its restart")]
+    = True,
     quick: Annotated[bool, typer.Option("--quick", help="a small scale that finishes in well under a minute")] = False,
     out_dir: Annotated[str, typer.Option(help="scratch directory")] = "bench_out",
     db_kind: Annotated[str, typer.Option(help="replay into duckdb (a file) or postgresql (a new database)")] = "duckdb",
@@ -220,10 +224,14 @@ def bench(
 
     from settle_arrow.bench import BenchSpec
     from settle_arrow.bench import run as run_bench
+    from settle_arrow.bench import targets as bench_targets
 
     if db_kind not in ("duckdb", "postgresql"):
         raise _fail(UserError(f"unknown --db-kind {db_kind!r} (duckdb or postgresql)"), 2)
-    kind = {"db_kind": db_kind, "pg_url": pg_url}
+    kind = {"db_kind": db_kind, "pg_url": pg_url, "batch": batch, "restart": restart,
+            **({"windows": tuple(window)} if window else {})}
+    if any(w < 1 for w in window or ()):
+        raise _fail(UserError("--window must be at least 1 row"), 2)
     spec = BenchSpec.quick(out_dir, **kind) if quick else BenchSpec(
         trades=trades, accounts=accounts, securities=securities, holdings=holdings, out_dir=out_dir, **kind)
     out.print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
@@ -231,15 +239,23 @@ def bench(
     results = _guard(run_bench, spec, echo=out.print)
     t = Table(title="settle-arrow bench")
     cols = ("mode", "trades", "wall s", "trades/s", "x floor", "steady trades/s", "window p50 ms", "window p99 ms",
-            "peak RSS MB")
+            "start-up s", "peak RSS MB")
     for col in cols:
         t.add_column(col, justify="right")
     for r in results:
         t.add_row(r["mode"], f"{r['rows']:,}", f"{r['seconds']:.2f}", f"{r['trades_per_s']:,.0f}", f"{r['floor_ratio']:.1f}",
                   f"{r['steady_trades_per_s']:,.0f}" if "steady_trades_per_s" in r else "",
-                  f"{r.get('window_p50_ms', 0):.1f}", f"{r.get('window_p99_ms', 0):.1f}", f"{r.get('peak_rss_mb', 0):,.0f}")
-    # Benchmark output is mostly captured to logs: keep the table whole at any width.
-    Console(width=max(out.width, 140)).print(t)
+                  f"{r.get('window_p50_ms', 0):.1f}", f"{r.get('window_p99_ms', 0):.1f}",
+                  f"{r['startup_s']:.1f}" if "startup_s" in r else "", f"{r.get('peak_rss_mb', 0):,.0f}")
+    goals = Table(title="targets (VISION.md, issue 4)")
+    for col in ("target", "goal", "measured", "met"):
+        goals.add_column(col, justify="right" if col != "target" else "left")
+    for g in bench_targets(results):
+        goals.add_row(g["target"], g["goal"], g["measured"], "yes" if g["met"] else "no")
+    # Benchmark output is mostly captured to logs: keep the tables whole at any width.
+    wide = Console(width=max(out.width, 160))
+    wide.print(t)
+    wide.print(goals)
 
 
 if __name__ == "__main__":

@@ -200,9 +200,18 @@ class Engine:
         assert isinstance(stored, pl.DataFrame)
         return stored.sort(cols).equals(opening_ids(self.refdata, self.dims).sort(cols))
 
-    def process(self, window_id: int, frame: pl.DataFrame) -> Window:
-        """Run the stages over one window's input rows (no I/O, no state change)."""
+    def prepare(self, window_id: int, frame: pl.DataFrame) -> Window:
+        """The stages' stateless work on one window (see stages/base.py): safe to run ahead,
+        in another thread, while earlier windows are processed."""
         window = Window(window_id=window_id, frames={"input": frame})
+        for stage in self.stages:
+            prepare = getattr(stage, "prepare", None)
+            if prepare is not None:
+                window = prepare(window, self.refdata)
+        return window
+
+    def process(self, window: Window) -> Window:
+        """Run the stages over one prepared window (no I/O, no state change)."""
         ctx = StageContext(refdata=self.refdata, state=self.state)
         for stage in self.stages:
             window = stage.process(window, ctx)
@@ -230,10 +239,17 @@ class Engine:
         if self._state_ahead:  # an earlier run stopped with state past its last commit
             self.state = recover(self.storage, self.refdata, self.dims)
             self._state_ahead = False
+        # Reading, decoding and each stage's stateless work run one window ahead in the
+        # reader thread; window ids are assigned there, in order.
+        first_id = window_id + 1
+        ahead = (
+            (raw, self.prepare(first_id + i, raw.frame))
+            for i, raw in enumerate(_windows(sources, done, window_rows))
+        )
         with CommitLane() as lane:
-            for raw in prefetch(_windows(sources, done, window_rows)):
-                window_id += 1
-                window = self.process(window_id, raw.frame)
+            for raw, prepared in prefetch(ahead):
+                window_id = prepared.window_id
+                window = self.process(prepared)
                 problems = checks.window_violations(window)
                 if problems:
                     lane.drain()  # the windows before this one commit: state = database again

@@ -75,6 +75,8 @@ class SortedRuns:
         self.dtype = dtype
         self.payload_types = dict(payload or {})
         self.runs: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
+        # Bumped on every change: positions found at one version stay valid until the next.
+        self.version = 0
 
     def __len__(self) -> int:
         return sum(len(k) for k, _ in self.runs)
@@ -112,6 +114,7 @@ class SortedRuns:
 
     def add_at(self, column: str, run_of: np.ndarray, pos_of: np.ndarray, delta: np.ndarray) -> None:
         """payload[column] += delta at found positions (keys unique, so no collisions)."""
+        self.version += 1
         for r, (_, cols) in enumerate(self.runs):
             sel = run_of == r
             if sel.any():
@@ -124,6 +127,7 @@ class SortedRuns:
             return
         payload = payload or {}
         assert set(payload) == set(self.payload_types), "payload columns must match"
+        self.version += 1
         if bool((keys[1:] > keys[:-1]).all()):  # already sorted (recovery reads in key order): no sort
             # Copies: payload columns are updated in place later; inputs may be read-only views.
             run = (keys.copy(), {c: np.array(v, dtype=self.payload_types[c]) for c, v in payload.items()})
@@ -167,13 +171,19 @@ class EngineState:
     def holding_keys(self, acct_idx: np.ndarray, sec_idx: np.ndarray) -> np.ndarray:
         return acct_idx.astype(np.int64) * self.n_sec + sec_idx.astype(np.int64)
 
-    def positions(self, keys: np.ndarray) -> np.ndarray:
+    def positions(self, keys: np.ndarray) -> tuple[np.ndarray, tuple[int, np.ndarray, np.ndarray]]:
+        """Quantities held at `keys` (0 where none), and where they were found, which
+        apply_holdings may reuse while holdings have not changed since."""
         run_of, pos_of = self.holdings.find(keys)
-        return self.holdings.gather("quantity", run_of, pos_of)
+        return self.holdings.gather("quantity", run_of, pos_of), (self.holdings.version, run_of, pos_of)
 
-    def apply_holdings(self, keys: np.ndarray, delta: np.ndarray) -> None:
+    def apply_holdings(self, keys: np.ndarray, delta: np.ndarray,
+                       found: tuple[int, np.ndarray, np.ndarray] | None = None) -> None:
         """Add per-key deltas (keys unique) to holdings, creating new keys as needed."""
-        run_of, pos_of = self.holdings.find(keys)
-        found = run_of >= 0
+        if found is not None and found[0] == self.holdings.version:
+            run_of, pos_of = found[1], found[2]
+        else:
+            run_of, pos_of = self.holdings.find(keys)
+        missing = run_of < 0
         self.holdings.add_at("quantity", run_of, pos_of, delta)
-        self.holdings.insert(keys[~found], {"quantity": delta[~found]})
+        self.holdings.insert(keys[missing], {"quantity": delta[missing]})

@@ -4,7 +4,10 @@ Data model:
   Window   window_id -> frames: name -> pl.DataFrame (inputs, intermediates and outputs),
            effects: state changes to apply once the window has committed.
   Stage    `process(window) -> window`: pure with respect to storage and state; it reads
-           `EngineState` and reference data, never writes them.
+           `EngineState` and reference data, never writes them. A stage may also define
+           `prepare(window, refdata) -> window`: the part of its work that reads no state
+           (types, reference lookups); the engine runs it one window ahead in its reader
+           thread. `process` must give the same result when `prepare` did not run.
 
 Invariants: a stage adds frames, never mutates one it received; every frame whose name is
 a storage table is appended by the engine in the window's single transaction; effects run

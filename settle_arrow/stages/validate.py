@@ -21,6 +21,7 @@ import polars as pl
 
 from settle_arrow import schema
 from settle_arrow.io.parse import coerce, to_text
+from settle_arrow.refdata import RefData
 from settle_arrow.stages.base import StageContext, Window
 from settle_arrow.state import ACCEPTED_PAYLOAD, ODD_KEY_SCHEMA, TRADE_ID_BITS, market_codes, trade_keys
 
@@ -55,8 +56,8 @@ def _schema_detail(typed: pl.DataFrame) -> pl.Expr:
     return pl.coalesce(parts)
 
 
-def _business_day(ctx: StageContext, market: pl.Series, day: pl.Series) -> np.ndarray:
-    cal = ctx.refdata.calendar_keys
+def _business_day(ref: RefData, market: pl.Series, day: pl.Series) -> np.ndarray:
+    cal = ref.calendar_keys
     if not len(cal):
         return np.zeros(len(market), dtype=bool)
     code = market_codes(market)
@@ -70,25 +71,20 @@ def _business_day(ctx: StageContext, market: pl.Series, day: pl.Series) -> np.nd
 class Validate:
     name: str = "validate"
 
-    def process(self, window: Window, ctx: StageContext) -> Window:
+    def prepare(self, window: Window, ref: RefData) -> Window:
+        """Everything that depends on the row alone (types, reference lookups, calendar,
+        packed keys, first occurrence in the window): run one window ahead by the engine."""
         raw = window.frames["input"]
-        ref, state = ctx.refdata, ctx.state
         present = [c for c in schema.INPUT_TRADE.names if c in raw.columns]
         typed = coerce(raw.select(present), schema.INPUT_TRADE).with_columns(
             pl.int_range(pl.len(), dtype=pl.Int64).alias("seq"),
             (pl.col("price") * 1000).cast(pl.Int64).alias("price_milli"),
         )
         detail = typed.select(_schema_detail(typed).alias("d"))["d"]
-
-        sec = ref.sec_idx(typed)
-        ids = {
-            "buy_unit_idx": ref.unit_index.lookup(typed["buy_unit"]),
-            "sell_unit_idx": ref.unit_index.lookup(typed["sell_unit"]),
-            "buy_acct_idx": ref.account_index.lookup(typed["buy_account"]),
-            "sell_acct_idx": ref.account_index.lookup(typed["sell_account"]),
-        }
-        business = _business_day(ctx, typed["market"], typed["trade_date"])
-
+        # Both sides in one lookup per index: half the fixed cost per window.
+        n = typed.height
+        units = ref.unit_index.lookup(pl.concat([typed["buy_unit"], typed["sell_unit"]]))
+        accts = ref.account_index.lookup(pl.concat([typed["buy_account"], typed["sell_account"]]))
         key_ok = ~(typed["market__bad"] | typed["trade_date__bad"] | typed["trade_id__bad"]).to_numpy() & (
             typed.select(pl.all_horizontal(pl.col("market", "trade_date", "trade_id").is_not_null()))
             .to_series()
@@ -97,36 +93,32 @@ class Validate:
         keys, packable = trade_keys(typed["market"], typed["trade_date"], typed["trade_id"])
         packable &= key_ok
         odd = key_ok & ~packable
-        odd_keys = typed.filter(pl.Series(odd)).select(list(ODD_KEY_SCHEMA))
-        seen_before = np.zeros(len(typed), dtype=bool)
-        seen_before[packable] = state.seen.contains(keys[packable])
-        if odd.any() and state.odd_seen.height:
-            seen_before[odd] = (
-                odd_keys.join(state.odd_seen.with_columns(pl.lit(True).alias("hit")), on=list(ODD_KEY_SCHEMA), how="left", maintain_order="left")["hit"]
-                .fill_null(False)
-                .to_numpy()
-            )
         # First occurrence in the window: packed keys for the common case, exact struct
         # comparison only for the rare keys that do not pack.
-        first = np.ones(len(typed), dtype=bool)
+        first = np.ones(n, dtype=bool)
         first[packable] = pl.Series(keys[packable]).is_first_distinct().to_numpy()
         if odd.any():
-            first[odd] = odd_keys.select(pl.struct(list(ODD_KEY_SCHEMA)).is_first_distinct()).to_series().to_numpy()
-        duplicate = key_ok & (seen_before | ~first)
-
+            first[odd] = (
+                typed.filter(pl.Series(odd)).select(pl.struct(list(ODD_KEY_SCHEMA)).is_first_distinct())
+                .to_series().to_numpy()
+            )
         flags = pl.DataFrame(
             {
-                "sec_idx": sec,
-                **{k: pl.Series(k, v) for k, v in ids.items()},
-                "business": business,
-                "duplicate": duplicate,
+                "sec_idx": ref.sec_idx(typed),
+                "buy_unit_idx": units[:n], "sell_unit_idx": units[n:],
+                "buy_acct_idx": accts[:n], "sell_acct_idx": accts[n:],
+                "business": _business_day(ref, typed["market"], typed["trade_date"]),
+                "key_ok": key_ok, "packable": packable, "odd": odd, "first": first,
                 "key": keys,
+                "ref_key": trade_keys(typed["market"], typed["trade_date"], typed["ref_trade_id"])[0],
                 "detail0": detail,
             }
         )
         t = pl.concat([typed, flags], how="horizontal")
         # Amount limit: quantity * price must stay inside AMOUNT_MILLI_MAX (int64-safe).
         qty_cap = pl.when(pl.col("price_milli") > 0).then(AMOUNT_MILLI_MAX // pl.col("price_milli"))
+        # The reasons that need no state, in SPEC order; DUPLICATE_TRADE and the X checks
+        # follow in `process`.
         reason = (
             pl.when(pl.col("detail0").is_not_null())
             .then(pl.lit("SCHEMA"))
@@ -142,10 +134,30 @@ class Validate:
             .then(pl.lit("UNKNOWN_ACCOUNT"))
             .when(~pl.col("business"))
             .then(pl.lit("NOT_BUSINESS_DAY"))
-            .when(pl.col("duplicate"))
-            .then(pl.lit("DUPLICATE_TRADE"))
         )
-        t = t.with_columns(reason.alias("reason"))
+        return window.add(validation_prepared=t.with_columns(reason.alias("reason0")))
+
+    def process(self, window: Window, ctx: StageContext) -> Window:
+        if "validation_prepared" not in window.frames:  # prepare is an optimisation, never required
+            window = self.prepare(window, ctx.refdata)
+        raw = window.frames["input"]
+        t = window.frames["validation_prepared"]
+        state = ctx.state
+        keys, packable, odd = t["key"].to_numpy(), t["packable"].to_numpy(), t["odd"].to_numpy()
+        first = t["first"].to_numpy()
+        odd_keys = t.filter(pl.Series(odd)).select(list(ODD_KEY_SCHEMA)) if odd.any() else t.clear().select(list(ODD_KEY_SCHEMA))
+        seen_before = np.zeros(t.height, dtype=bool)
+        seen_before[packable] = state.seen.contains(keys[packable])
+        if odd.any() and state.odd_seen.height:
+            seen_before[odd] = (
+                odd_keys.join(state.odd_seen.with_columns(pl.lit(True).alias("hit")), on=list(ODD_KEY_SCHEMA), how="left", maintain_order="left")["hit"]
+                .fill_null(False)
+                .to_numpy()
+            )
+        duplicate = t["key_ok"].to_numpy() & (seen_before | ~first)
+        t = t.with_columns(
+            pl.coalesce("reason0", pl.when(pl.Series(duplicate)).then(pl.lit("DUPLICATE_TRADE"))).alias("reason")
+        )
         t = _reference_checks(t, ctx)
 
         is_q = pl.col("reason").is_not_null()
@@ -158,7 +170,8 @@ class Validate:
                 raw["source"].gather(t.filter(~is_q)["seq"]).alias("source"),
                 raw["source_row"].gather(t.filter(~is_q)["seq"]).alias("source_row"),
             )
-            .drop([c for c in t.columns if c.endswith("__bad")] + ["business", "duplicate", "detail0", "reason", "detail"])
+            .drop([c for c in t.columns if c.endswith("__bad")]
+                  + ["business", "key_ok", "packable", "odd", "first", "detail0", "reason0", "reason", "detail"])
         )
         assert accepted.height + quarantine.height == raw.height, "validation lost rows"
 
@@ -183,8 +196,7 @@ class Validate:
 def _reference_checks(t: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
     """UNKNOWN_REF, REF_MISMATCH and ALREADY_CANCELLED for X rows that passed the rest."""
     state = ctx.state
-    ref_keys, _ = trade_keys(t["market"], t["trade_date"], t["ref_trade_id"])
-    t = t.with_columns(pl.Series("ref_key", ref_keys), pl.lit(None, dtype=pl.String).alias("detail"))
+    t = t.with_columns(pl.lit(None, dtype=pl.String).alias("detail"))
     is_x = (pl.col("record_type") == "X") & pl.col("reason").is_null()
     xs = t.filter(is_x)
     if not xs.height:

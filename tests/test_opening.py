@@ -1,0 +1,299 @@
+"""Opening holdings (refdata `holdings`) end to end, on every storage backend.
+
+Pins down:
+  * bad opening holdings (undefined account or security, quantity <= 0, duplicate key) are a
+    one-line RefDataError at `replay`, although RefData loads them lazily; once the file is
+    fixed, the same TARGET starts normally;
+  * a restart over the very same holdings file resumes (the file sha256 shortcut);
+  * a restart over the same rows in another order, or in another file format (other bytes,
+    same content), is accepted, also when the row fingerprint differs and the engine has to
+    compare exactly;
+  * a restart over holdings that really differ (a quantity, a row more, a row less) is refused
+    with "differ from the opening holdings" and commits nothing;
+  * the `holdings` table is opening holdings plus the trades' legs (hand-checked values).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from market import T1, trade, write_refdata, write_trades
+
+from settle_arrow import open_target, replay, schema
+from settle_arrow.refdata import RefData, RefDataError, load_refdata
+
+OPENING = [
+    ("A1", "XSHG", "600000", 5000),
+    ("A2", "XSHG", "600001", 700),
+    ("A3", "XSHG", "600000", 250),
+]
+FIRST = [
+    trade(1, "A3", "A1", 1000, "10.00"),               # A1 600000 -1000, A3 +1000
+    trade(2, "A1", "A2", 700, "20.00", "600001"),      # A2 600001 -700 (to zero), A1 +700
+]
+SECOND = [
+    trade(1, "A2", "A1", 300, "10.10", trade_date=T1),  # A1 600000 -300, A2 +300
+    trade(2, "A9", "A3", 50, "10.20", trade_date=T1),   # A3 600000 -50, A9 +50
+]
+# opening + FIRST
+AFTER_FIRST = {
+    ("A1", "600000"): 4000, ("A3", "600000"): 1250, ("A1", "600001"): 700,
+}
+# opening + FIRST + SECOND (A2's 600001 went to zero: no row)
+AFTER_SECOND = {
+    ("A1", "600000"): 3700, ("A3", "600000"): 1200, ("A1", "600001"): 700, ("A2", "600000"): 300,
+    ("A9", "600000"): 50,
+}
+
+
+# --- helpers --------------------------------------------------------------------------
+
+
+def holdings_parquet(ref: Path, rows) -> None:
+    _remove_holdings(ref)
+    table = pa.Table.from_pylist([dict(zip(schema.REFDATA["holdings"].names, r, strict=True)) for r in rows],
+                                 schema=schema.REFDATA["holdings"])
+    pq.write_table(table, ref / "holdings.parquet")
+
+
+def holdings_csv(ref: Path, rows) -> None:
+    _remove_holdings(ref)
+    with open(ref / "holdings.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(schema.REFDATA["holdings"].names)
+        w.writerows(rows)
+
+
+def _remove_holdings(ref: Path) -> None:
+    for ext in (".parquet", ".arrow", ".feather", ".csv"):
+        (ref / f"holdings{ext}").unlink(missing_ok=True)
+
+
+def holdings(db: str) -> dict[tuple[str, str], int]:
+    with open_target(db) as t:
+        h = t.table("holdings")
+    assert set(h["market"].to_list()) <= {"XSHG"}
+    keys = list(zip(h["account_id"].to_list(), h["security_id"].to_list(), strict=True))
+    assert len(keys) == len(set(keys)), "one row per position"
+    return dict(zip(keys, h["quantity"].to_list(), strict=True))
+
+
+def trade_count(db: str) -> int:
+    with open_target(db) as t:
+        return t.table("trades").height
+
+
+@pytest.fixture
+def started(tmp_path, new_target):
+    """A TARGET started with OPENING (Parquet) and FIRST; returns (ref dir, trade files, TARGET)."""
+    ref = write_refdata(tmp_path, holdings=OPENING)
+    t1 = write_trades(tmp_path / "trades" / "t1.parquet", FIRST)
+    t2 = write_trades(tmp_path / "trades" / "t2.parquet", SECOND)
+    db = new_target()
+    report = replay([str(t1)], str(ref), db, window_rows=1)
+    assert report.rows_accepted == 2
+    assert holdings(db) == AFTER_FIRST
+    return ref, (t1, t2), db
+
+
+# --- bad opening holdings -------------------------------------------------------------
+
+
+BAD = [
+    pytest.param([("A1", "XSHG", "600000", 100), ("A7", "XSHG", "600000", 100)],
+                 "holdings: account 'A7' is not defined", id="undefined-account"),
+    pytest.param([("A1", "XSHG", "600000", 100), ("A2", "XSHG", "699999", 100)],
+                 "holdings: security XSHG/699999 is not defined", id="undefined-security"),
+    pytest.param([("A1", "XSHG", "600000", 100), ("A2", "XSHE", "600000", 100)],
+                 "holdings: security XSHE/600000 is not defined", id="security-of-another-market"),
+    pytest.param([("A1", "XSHG", "600000", 100), ("A2", "XSHG", "600000", 0)],
+                 "holdings: opening quantity must be > 0", id="zero-quantity"),
+    pytest.param([("A1", "XSHG", "600000", -5), ("A2", "XSHG", "600000", 100)],
+                 "holdings: opening quantity must be > 0", id="negative-quantity"),
+    pytest.param([("A1", "XSHG", "600000", 100), ("A2", "XSHG", "600001", 100), ("A1", "XSHG", "600000", 7)],
+                 "holdings: duplicate key A1/XSHG/600000", id="duplicate-key"),
+]
+
+
+@pytest.mark.parametrize("rows,message", BAD)
+def test_bad_opening_holdings_fail_replay(tmp_path, backend, rows, message):
+    ref = write_refdata(tmp_path, holdings=rows)
+    f = write_trades(tmp_path / "trades" / "t.parquet", [trade(1, "A1", "A2", 100, "10.00")])
+    # Holdings load lazily: loading the reference data alone does not look at them ...
+    load_refdata(str(ref))
+    # ... but a replay into a new TARGET does, before any trade is committed.
+    db = backend.new(tmp_path)
+    with pytest.raises(RefDataError) as err:
+        replay([str(f)], str(ref), db)
+    assert str(err.value) == message
+    assert "trade_facts" not in backend.tables(db) or _count(db, "trade_facts") == 0
+    assert "opening_holdings" not in backend.tables(db) or _count(db, "opening_holdings") == 0
+
+    # The TARGET was never started with these holdings: with the file fixed it starts normally.
+    holdings_parquet(ref, [("A1", "XSHG", "600000", 100)])
+    report = replay([str(f)], str(ref), db)
+    assert report.rows_accepted == 1
+    assert holdings(db) == {("A1", "600000"): 200, ("A2", "600000"): -100}
+
+
+def _count(db: str, name: str) -> int:
+    from settle_arrow.storage import open_storage
+
+    storage = open_storage(db, read_only=True)
+    try:
+        return storage.count(name)
+    finally:
+        storage.close()
+
+
+def test_bad_opening_holdings_from_csv(tmp_path, new_target):
+    ref = write_refdata(tmp_path)
+    holdings_csv(ref, [("A1", "XSHG", "600000", 100), ("A1", "XSHG", "600000", 100)])
+    f = write_trades(tmp_path / "trades" / "t.parquet", [trade(1, "A1", "A2", 100, "10.00")])
+    with pytest.raises(RefDataError, match="^holdings: duplicate key A1/XSHG/600000$"):
+        replay([str(f)], str(ref), new_target())
+
+
+# --- holdings = opening + trades ------------------------------------------------------
+
+
+def test_holdings_are_opening_plus_trades(tmp_path, new_target):
+    ref = write_refdata(tmp_path, holdings=OPENING)
+    f = write_trades(tmp_path / "trades" / "t.parquet", FIRST + [
+        trade(3, "A2", "A1", 300, "10.10", trade_date=T1),
+        trade(4, "A9", "A3", 50, "10.20", trade_date=T1),
+        # a cancelled trade moves nothing
+        trade(5, "A2", "A3", 40, "10.00", trade_date=T1),
+        trade(6, "A2", "A3", 40, "10.00", trade_date=T1, record_type="X", ref_trade_id=5),
+    ])
+    db = new_target()
+    replay([str(f)], str(ref), db, window_rows=2)
+    assert holdings(db) == AFTER_SECOND
+
+
+def test_opening_holdings_alone(tmp_path, new_target):
+    """No trades at all: the holdings table is the opening holdings."""
+    ref = write_refdata(tmp_path, holdings=OPENING)
+    f = write_trades(tmp_path / "trades" / "t.parquet", [])
+    db = new_target()
+    replay([str(f)], str(ref), db)
+    assert holdings(db) == {(a, s): q for a, _m, s, q in OPENING}
+
+
+# --- restarts -------------------------------------------------------------------------
+
+
+def test_restart_same_file_resumes(started):
+    ref, (t1, t2), db = started
+    report = replay([str(t1), str(t2)], str(ref), db, window_rows=1)
+    assert report.rows_accepted == 2  # t1 was done already
+    assert trade_count(db) == 4
+    assert holdings(db) == AFTER_SECOND
+
+
+def test_restart_same_file_does_not_load_holdings(started, monkeypatch):
+    """The stored sha256 of the holdings file matches: the holdings are not loaded again."""
+    ref, (t1, t2), db = started
+
+    def boom(*args, **kwargs):
+        raise AssertionError("holdings loaded although the file is the one the TARGET started with")
+
+    monkeypatch.setattr("settle_arrow.refdata._load_opening", boom)
+    replay([str(t1), str(t2)], str(ref), db, window_rows=1)
+    assert holdings(db) == AFTER_SECOND
+
+
+@pytest.mark.parametrize("rewrite", [
+    pytest.param(lambda ref: holdings_parquet(ref, OPENING[::-1]), id="parquet-reordered"),
+    pytest.param(lambda ref: holdings_csv(ref, OPENING), id="csv-same-order"),
+    pytest.param(lambda ref: holdings_csv(ref, [OPENING[1], OPENING[2], OPENING[0]]), id="csv-reordered"),
+])
+def test_restart_same_rows_other_bytes_accepted(started, rewrite):
+    ref, (t1, t2), db = started
+    before = (ref / "holdings.parquet").read_bytes()
+    rewrite(ref)
+    now = next(p for p in ref.iterdir() if p.stem == "holdings")
+    assert now.read_bytes() != before  # the sha256 shortcut does not apply
+    replay([str(t1), str(t2)], str(ref), db, window_rows=1)
+    assert trade_count(db) == 4
+    assert holdings(db) == AFTER_SECOND
+
+
+def _fingerprint_differs(monkeypatch) -> None:
+    """Make the row fingerprint disagree with the stored one (as after a Polars upgrade that
+    changes row hashes), so the engine must compare the rows exactly."""
+    monkeypatch.setattr(RefData, "opening_digest", property(lambda self: "0" * 64))
+
+
+def test_restart_exact_comparison_accepts_same_rows(started, monkeypatch):
+    ref, (t1, t2), db = started
+    holdings_csv(ref, OPENING[::-1])
+    _fingerprint_differs(monkeypatch)
+    replay([str(t1), str(t2)], str(ref), db, window_rows=1)
+    assert holdings(db) == AFTER_SECOND
+
+
+CHANGED = {
+    "quantity": [("A1", "XSHG", "600000", 5001), OPENING[1], OPENING[2]],
+    "security": [("A1", "XSHG", "600001", 5000), OPENING[1], OPENING[2]],
+    "account": [("A9", "XSHG", "600000", 5000), OPENING[1], OPENING[2]],
+    "row-removed": OPENING[:2],
+    "row-added": [*OPENING, ("A9", "XSHG", "600001", 1)],
+    "empty": [],
+}
+
+
+@pytest.mark.parametrize("rows,exact", [
+    *[pytest.param(rows, False, id=f"{name}-fingerprint") for name, rows in CHANGED.items()],
+    *[pytest.param(CHANGED[name], True, id=f"{name}-exact") for name in ("quantity", "account", "row-removed", "row-added")],
+])
+def test_restart_changed_holdings_refused(started, monkeypatch, rows, exact):
+    ref, (t1, t2), db = started
+    holdings_parquet(ref, rows)
+    if exact:
+        _fingerprint_differs(monkeypatch)
+    with pytest.raises(RefDataError, match="differ from the opening holdings"):
+        replay([str(t1), str(t2)], str(ref), db, window_rows=1)
+    # Nothing of t2 committed, and the holdings are still the original ones.
+    assert trade_count(db) == 2
+    assert holdings(db) == AFTER_FIRST
+
+    # Back to the original rows (in CSV now): the restart goes on.
+    holdings_csv(ref, OPENING)
+    replay([str(t1), str(t2)], str(ref), db, window_rows=1)
+    assert holdings(db) == AFTER_SECOND
+
+
+def test_restart_changed_quantity_csv_refused(started):
+    ref, (t1, t2), db = started
+    holdings_csv(ref, [OPENING[0], ("A2", "XSHG", "600001", 701), OPENING[2]])
+    with pytest.raises(RefDataError, match="^reference holdings differ from the opening holdings .* was started with$"):
+        replay([str(t1), str(t2)], str(ref), db, window_rows=1)
+    assert trade_count(db) == 2
+
+
+def test_restart_without_holdings_file_refused(started):
+    """Removing the holdings file is a change too (no file = no opening holdings)."""
+    ref, (t1, t2), db = started
+    (ref / "holdings.parquet").unlink()
+    with pytest.raises(RefDataError, match="differ from the opening holdings"):
+        replay([str(t1), str(t2)], str(ref), db, window_rows=1)
+    assert trade_count(db) == 2
+
+
+def test_start_without_holdings_then_empty_file_accepted(tmp_path, new_target):
+    """A TARGET started with no holdings file accepts an empty holdings file later."""
+    ref = write_refdata(tmp_path)
+    (ref / "holdings.parquet").unlink()
+    t1 = write_trades(tmp_path / "trades" / "t1.parquet", [trade(1, "A1", "A2", 100, "10.00")])
+    t2 = write_trades(tmp_path / "trades" / "t2.parquet", [trade(2, "A1", "A2", 100, "10.00")])
+    db = new_target()
+    replay([str(t1)], str(ref), db)
+    holdings_csv(ref, [])
+    replay([str(t1), str(t2)], str(ref), db)
+    assert holdings(db) == {("A1", "600000"): 200, ("A2", "600000"): -200}
+
