@@ -191,6 +191,8 @@ class Engine:
             raise RefDataError(
                 f"reference holdings differ from the opening holdings {self.storage.url} was started with"
             )
+        else:  # same rows in other bytes: remember these bytes, the next start skips the load
+            self.storage.set_meta({"opening_file_sha256": ref.opening_file_sha256})
 
     def _same_opening(self) -> bool:
         """Exact comparison with the stored opening holdings (when the fingerprint differs);

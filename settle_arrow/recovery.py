@@ -18,7 +18,7 @@ import pyarrow as pa
 from settle_arrow import schema
 from settle_arrow.dims import DimIds
 from settle_arrow.io.parse import coerce
-from settle_arrow.refdata import RefData
+from settle_arrow.refdata import RefData, RefDataError
 from settle_arrow.state import DAY0, DAY_BITS, ODD_KEY_SCHEMA, EngineState, trade_keys, unique_sorted
 from settle_arrow.storage.base import Storage
 
@@ -33,6 +33,20 @@ def _to_ref(inverse: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """database ids -> reference row indices (-1 for keys the reference data no longer has)."""
     inside = ids < len(inverse)
     return np.where(inside, inverse[np.where(inside, ids, 0)], -1)
+
+
+def _require_known(storage: Storage, unknown: pl.DataFrame) -> None:
+    """Refuse to resume when the TARGET holds a position in an account or security that the
+    reference data no longer defines: positions never silently vanish."""
+    if not unknown.height:
+        return
+    row = unknown.row(0, named=True)
+    acct = storage.query("SELECT account_id FROM dim_account WHERE id = ?", (row["acct_id"],))["account_id"][0]
+    sec = storage.query("SELECT market, security_id FROM dim_security WHERE id = ?", (row["sec_id"],)).to_pylist()[0]
+    raise RefDataError(
+        f"{storage.url} holds {row['quantity']} of {sec['market']}/{sec['security_id']} in account {acct}, "
+        "but the reference data no longer defines that account or security"
+    )
 
 
 def recover(storage: Storage, ref: RefData, dims: DimIds) -> EngineState:
@@ -79,7 +93,7 @@ def recover(storage: Storage, ref: RefData, dims: DimIds) -> EngineState:
         h = _frame(storage.query(f"SELECT acct_id, sec_id, quantity FROM {part}"))
         acct = _to_ref(account_of, h["acct_id"].to_numpy())
         sec = _to_ref(sec_of, h["sec_id"].to_numpy())
-        assert ((acct >= 0) & (sec >= 0)).all(), "holdings name an account or security missing from reference data"
+        _require_known(storage, h.filter(pl.Series((acct < 0) | (sec < 0)) & (h["quantity"] != 0)))
         keys_h, qty = state.holding_keys(acct, sec), h["quantity"].to_numpy()
         if i == 0:
             state.holdings.insert(keys_h, {"quantity": qty})

@@ -19,6 +19,7 @@ import csv
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
 from market import T1, trade, write_refdata, write_trades
@@ -297,3 +298,33 @@ def test_start_without_holdings_then_empty_file_accepted(tmp_path, new_target):
     replay([str(t1), str(t2)], str(ref), db)
     assert holdings(db) == {("A1", "600000"): 200, ("A2", "600000"): -200}
 
+
+
+def test_restart_remembers_the_new_bytes_of_the_same_rows(started, monkeypatch):
+    """After one exact comparison accepts other bytes, the next start skips the load."""
+    ref, (t1, t2), db = started
+    holdings_csv(ref, OPENING[::-1])
+    replay([str(t1)], str(ref), db, window_rows=1)
+
+    def no_load(*_args, **_kw):
+        raise AssertionError("opening holdings loaded although their bytes were seen before")
+
+    monkeypatch.setattr("settle_arrow.refdata._load_opening", no_load)
+    replay([str(t1), str(t2)], str(ref), db, window_rows=1)
+    assert holdings(db) == AFTER_SECOND
+
+
+@pytest.mark.parametrize("dropped", ["account", "security"])
+def test_restart_refused_when_a_held_key_left_the_reference_data(started, dropped):
+    """The holdings file is unchanged (the load is skipped) but A2 / 600001, still held in
+    the TARGET, were removed from the reference data: a one-line RefDataError, not an assert."""
+    ref, (t1, t2), db = started
+    if dropped == "account":
+        table = pq.read_table(ref / "accounts.parquet")
+        pq.write_table(table.filter(pa.compute.not_equal(table["account_id"], "A3")), ref / "accounts.parquet")
+    else:
+        table = pq.read_table(ref / "securities.parquet")
+        pq.write_table(table.filter(pa.compute.not_equal(table["security_id"], "600001")), ref / "securities.parquet")
+    with pytest.raises(RefDataError, match="no longer defines that account or security"):
+        replay([str(t1), str(t2)], str(ref), db, window_rows=1)
+    assert holdings(db) == AFTER_FIRST

@@ -41,6 +41,26 @@ def raiser(exc: BaseException):
     return job
 
 
+def within(fn, timeout=WAIT):
+    """fn() run in a daemon thread: its result, or its exception raised here; a failure,
+    not a hang, when it has not returned after `timeout` seconds."""
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as exc:
+            out["error"] = exc
+
+    t = threading.Thread(target=run, name="test-within", daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"{getattr(fn, '__name__', fn)} did not return within {timeout}s (hangs)"
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
 def _alive(prefix: str) -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith(prefix) and t.is_alive()]
 
@@ -169,29 +189,35 @@ def test_prefetch_producer_at_most_depth_plus_one_ahead(depth):
             yield i
 
     it = prefetch(items(), depth=depth)
-    assert next(it) == 0
-    assert reached.wait(WAIT)
-    time.sleep(0.2)  # room for a producer that does not stop to run ahead
-    with lock:
-        assert made == depth + 2, f"producer is {made - 1} items ahead, depth {depth}"
-    got = [0]
-    for x in it:
-        got.append(x)
+    try:
+        assert next(it) == 0
+        assert reached.wait(WAIT)
+        time.sleep(0.2)  # room for a producer that does not stop to run ahead
         with lock:
-            taken += 1  # items received after item 0; the consumer now holds item `taken`
-            assert made - taken <= depth + 2, f"producer is {made - 1 - taken} items ahead, depth {depth}"
-    assert got == list(range(30))
+            assert made == depth + 2, f"producer is {made - 1} items ahead, depth {depth}"
+        got = [0]
+        for x in it:
+            got.append(x)
+            with lock:
+                taken += 1  # items received after item 0; the consumer now holds item `taken`
+                assert made - taken <= depth + 2, f"producer is {made - 1 - taken} items ahead, depth {depth}"
+        assert got == list(range(30))
+    finally:
+        it.close()
 
 
 @pytest.mark.parametrize("depth", [1, 3])
 def test_prefetch_break_does_not_hang(depth):
     """An endless producer, blocked on a full queue: breaking out ends its thread."""
-    got = []
-    for x in prefetch(itertools.count(), depth=depth):
-        got.append(x)
-        if x == 5:
-            break
-    assert got == list(range(6))
+    def consume():
+        got = []
+        for x in prefetch(itertools.count(), depth=depth):
+            got.append(x)
+            if x == 5:
+                break
+        return got
+
+    assert within(consume) == list(range(6))
     assert not _alive("settle-prefetch")
 
 
@@ -205,9 +231,7 @@ def test_prefetch_close_stops_producer():
 
     it = prefetch(items(), depth=2)
     assert next(it) == 0
-    start = time.perf_counter()
-    it.close()
-    assert time.perf_counter() - start < WAIT
+    within(it.close)
     assert not _alive("settle-prefetch")
     n = len(made)
     time.sleep(0.1)
@@ -215,14 +239,17 @@ def test_prefetch_close_stops_producer():
 
 
 def test_prefetch_consumer_exception_does_not_hang():
-    with pytest.raises(Boom):
+    def consume():
         for x in prefetch(itertools.count(), depth=2):
             if x == 3:
                 raise Boom
+
+    with pytest.raises(Boom):
+        within(consume)
     assert not _alive("settle-prefetch")
 
 
-def test_prefetch_consumer_exception_hides_no_producer_error():
+def test_prefetch_consumer_exception_wins_over_producer_error():
     """The consumer's own exception is the one raised, even if the producer failed too."""
     failed = threading.Event()
 
@@ -231,10 +258,13 @@ def test_prefetch_consumer_exception_hides_no_producer_error():
         failed.set()
         raise Boom("producer")
 
-    with pytest.raises(ValueError, match="consumer"):
+    def consume():
         for _ in prefetch(items(), depth=2):
             assert failed.wait(WAIT)
             raise ValueError("consumer")
+
+    with pytest.raises(ValueError, match="consumer"):
+        within(consume)
     assert not _alive("settle-prefetch")
 
 

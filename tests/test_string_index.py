@@ -2,15 +2,17 @@
 
 import numpy as np
 import polars as pl
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from settle_arrow.refdata import StringIndex
 
 
+@pytest.mark.parametrize("small_max", [0, 4096], ids=["hash-table", "small-domain"])
 @given(ref=st.lists(st.text(max_size=6), unique=True, max_size=60), probes=st.lists(st.text(max_size=6), max_size=60))
-def test_lookup_matches_a_dict(ref, probes):
-    idx = StringIndex(pl.Series(ref, dtype=pl.String))
+def test_lookup_matches_a_dict(small_max, ref, probes):
+    idx = StringIndex(pl.Series(ref, dtype=pl.String), small_max=small_max)
     want = {s: i for i, s in enumerate(ref)}
     got = idx.lookup(pl.Series([*probes, *ref, None], dtype=pl.String))
     assert got.tolist() == [want.get(p, -1) for p in [*probes, *ref]] + [-1]

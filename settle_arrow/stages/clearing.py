@@ -127,18 +127,20 @@ def _obligations(c: pl.DataFrame, ref: RefData) -> tuple[pl.DataFrame, pl.DataFr
             )
         )
     money_cols = ["net_amount", "buy_amount", "sell_amount", *FEE_COLS]
-    # Market and currency follow from the security: a first pass per security, a second
-    # over the (much smaller) result per cash key.
-    fine = pl.concat(cash_legs).group_by("trade_date", "cash_settle_date", "sec_idx", "part").agg(
-        pl.col(money_cols).cast(pl.Int128).sum()
-    )
-    fine = pl.concat(
-        [fine, ref.securities.select("market", "currency")[fine["sec_idx"].to_numpy()],
-         ref.participants.select("participant_id")[fine["part"].to_numpy()]],
+    # Market and currency follow from the security: group on a small code for the pair
+    # (one pass over the legs, few groups), attach the strings to the aggregated rows.
+    pairs = ref.securities.select("market", "currency").unique(maintain_order=True)
+    pair_of_sec = ref.securities.join(pairs.with_row_index("pair"), on=["market", "currency"], how="left",
+                                      maintain_order="left")["pair"].to_numpy()
+    legs = pl.concat(cash_legs)
+    legs = legs.with_columns(pl.Series("pair", pair_of_sec[legs["sec_idx"].to_numpy()], dtype=pl.UInt32))
+    agg = legs.group_by("trade_date", "cash_settle_date", "pair", "part").agg(pl.col(money_cols).cast(pl.Int128).sum())
+    agg = pl.concat(
+        [agg, pairs[agg["pair"].to_numpy()], ref.participants.select("participant_id")[agg["part"].to_numpy()]],
         how="horizontal",
     )
     ckey = list(schema.KEYS["obligations_cash"])
-    cash = fine.group_by(ckey).agg(pl.col(money_cols).sum()).sort(ckey)
+    cash = agg.select(*ckey, *money_cols).sort(ckey)
     money.check_decimal18(cash, money_cols, "obligations_cash")
     cash = cash.with_columns(pl.col(money_cols).cast(pl.Int64)).select(schema.OUTPUT["obligations_cash"].names)
     return sec, cash

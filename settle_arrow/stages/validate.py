@@ -31,29 +31,36 @@ AMOUNT_MILLI_MAX = 10**16
 _MATCH_FIELDS = tuple(ACCEPTED_PAYLOAD)
 
 
-def _schema_detail(typed: pl.DataFrame) -> pl.Expr:
-    """First offending column, as text, for SCHEMA rows."""
-    parts = []
+def _schema_rules() -> list[tuple[pl.Expr, str]]:
+    """(condition, message) per SCHEMA rule, in the order the first failing one is named."""
+    rules = []
     for name in schema.INPUT_TRADE.names:
-        parts.append(pl.when(pl.col(f"{name}__bad")).then(pl.lit(f"{name} does not parse")))
+        rules.append((pl.col(f"{name}__bad"), f"{name} does not parse"))
         if name in schema.INPUT_REQUIRED:
-            parts.append(pl.when(pl.col(name).is_null()).then(pl.lit(f"{name} is missing")))
-    parts += [
-        pl.when(~pl.col("record_type").is_in(schema.RECORD_TYPES)).then(pl.lit("record_type must be N or X")),
-        pl.when((pl.col("record_type") == "X") & pl.col("ref_trade_id").is_null()).then(
-            pl.lit("ref_trade_id is missing for X")
-        ),
-        pl.when((pl.col("record_type") == "N") & pl.col("ref_trade_id").is_not_null()).then(
-            pl.lit("ref_trade_id must be empty for N")
-        ),
-        pl.when(~pl.col("trade_id").is_between(0, (1 << TRADE_ID_BITS) - 1)).then(
-            pl.lit("trade_id out of range")
-        ),
-        pl.when(~pl.col("ref_trade_id").is_between(0, (1 << TRADE_ID_BITS) - 1)).then(
-            pl.lit("ref_trade_id out of range")
-        ),
+            rules.append((pl.col(name).is_null(), f"{name} is missing"))
+    id_max = (1 << TRADE_ID_BITS) - 1
+    rules += [
+        (~pl.col("record_type").is_in(schema.RECORD_TYPES), "record_type must be N or X"),
+        ((pl.col("record_type") == "X") & pl.col("ref_trade_id").is_null(), "ref_trade_id is missing for X"),
+        ((pl.col("record_type") == "N") & pl.col("ref_trade_id").is_not_null(), "ref_trade_id must be empty for N"),
+        (~pl.col("trade_id").is_between(0, id_max), "trade_id out of range"),
+        (~pl.col("ref_trade_id").is_between(0, id_max), "ref_trade_id out of range"),
     ]
-    return pl.coalesce(parts)
+    # A null condition (a comparison with a missing value) does not fire, as in when/then.
+    return [(cond.fill_null(False), msg) for cond, msg in rules]
+
+
+def _schema_detail(typed: pl.DataFrame) -> pl.Series:
+    """First offending rule's message per row (null for rows that pass). The messages are
+    built only for the failing rows: cheap boolean tests over the window, text for the few."""
+    rules = _schema_rules()
+    failing = typed.select(pl.any_horizontal([cond for cond, _ in rules])).to_series()
+    detail = pl.Series("d", [None] * typed.height, dtype=pl.String)
+    if failing.any():
+        rows = failing.arg_true()
+        text = typed[rows].select(pl.coalesce([pl.when(cond).then(pl.lit(msg)) for cond, msg in rules])).to_series()
+        detail = detail.scatter(rows, text)
+    return detail
 
 
 def _business_day(ref: RefData, market: pl.Series, day: pl.Series) -> np.ndarray:
@@ -80,7 +87,7 @@ class Validate:
             pl.int_range(pl.len(), dtype=pl.Int64).alias("seq"),
             (pl.col("price") * 1000).cast(pl.Int64).alias("price_milli"),
         )
-        detail = typed.select(_schema_detail(typed).alias("d"))["d"]
+        detail = _schema_detail(typed)
         # Both sides in one lookup per index: half the fixed cost per window.
         n = typed.height
         units = ref.unit_index.lookup(pl.concat([typed["buy_unit"], typed["sell_unit"]]))

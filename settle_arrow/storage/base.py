@@ -296,6 +296,18 @@ class Storage(abc.ABC):
              "(SELECT CAST(value AS BIGINT) FROM meta WHERE key = ?)")
         return int(self._query(q, (schema.HOLDINGS_SNAPSHOT_KEY,))["n"][0].as_py())
 
+    def set_meta(self, values: Mapping[str, str]) -> None:
+        """Set meta keys, in one transaction."""
+        self._begin()
+        try:
+            for k, v in values.items():
+                self._execute("DELETE FROM meta WHERE key = ?", (k,))
+                self._append("meta", pa.table({"key": [k], "value": [v]}))
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+
     def record_self_check(self, window_id: int, problems: list[str]) -> None:
         row = {
             "checked_at": datetime.datetime.now(datetime.UTC),

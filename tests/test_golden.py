@@ -1,0 +1,43 @@
+"""Optimisations never change content: the bundled sample's output tables have the digests
+recorded by the engine before the performance work (commit 51d08eb, the straightforward
+one-thread engine), for any windowing, on every backend.
+
+tests/golden/sample_digests.json holds them: table -> settle_arrow digest v1 of the table in
+its output schema, with `source` URLs reduced to file names (the checkout's path differs
+between machines). A legitimate change of output (a SPEC change) re-records the file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pytest
+
+from settle_arrow.digest import table_digest
+from settle_arrow.engine import replay
+from settle_arrow.target import open_target
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "samples"
+GOLDEN = json.loads((Path(__file__).parent / "golden" / "sample_digests.json").read_text(encoding="utf-8"))
+
+
+def _digests(db: str) -> dict[str, str]:
+    out = {}
+    with open_target(db) as t:
+        for name in GOLDEN:
+            data = t.arrow(name)
+            if "source" in data.column_names:
+                i = data.column_names.index("source")
+                data = data.set_column(i, "source", pc.replace_substring_regex(data["source"], r"^.*/", ""))
+            out[name] = table_digest(name, data)
+    return out
+
+
+@pytest.mark.parametrize("window", [777, 5_000, None], ids=["window-777", "window-5000", "batch"])
+def test_sample_tables_match_the_recorded_digests(new_target, window):
+    db = new_target()
+    replay([str(SAMPLE / "trades")], str(SAMPLE / "refdata"), db, window_rows=window or 1, batch=window is None)
+    assert _digests(db) == GOLDEN
