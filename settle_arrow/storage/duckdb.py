@@ -20,6 +20,9 @@ import pyarrow as pa
 from settle_arrow.storage.base import Storage, TargetError
 
 CHECKPOINT_THRESHOLD = "512MB"
+# DuckDB's buffer pool defaults to 80% of RAM and keeps what a long replay touched cached:
+# a bound keeps a replay's memory state-bound (larger operations spill to disk).
+MEMORY_LIMIT = "2GB"
 # Resolved path -> writer connections open in this process (readers here share their instance).
 _WRITERS: dict[str, int] = {}
 
@@ -55,6 +58,7 @@ class DuckDBStorage(Storage):
             # The default 16 MB threshold checkpoints every few windows inside COMMIT (~100 ms
             # each, measured); a larger WAL keeps commits small and is replayed on restart.
             self.con.execute(f"SET checkpoint_threshold = '{CHECKPOINT_THRESHOLD}'")
+            self.con.execute(f"SET memory_limit = '{MEMORY_LIMIT}'")
 
     def _unregister(self) -> None:
         if self._writer:
