@@ -19,7 +19,16 @@ from settle_arrow import schema
 from settle_arrow.dims import DimIds
 from settle_arrow.io.parse import coerce
 from settle_arrow.refdata import RefData, RefDataError
-from settle_arrow.state import DAY0, DAY_BITS, ODD_KEY_SCHEMA, EngineState, trade_keys, unique_sorted
+from settle_arrow.state import (
+    DAY0,
+    DAY_BITS,
+    ODD_KEY_SCHEMA,
+    EngineState,
+    market_codes,
+    pack_keys,
+    trade_keys,
+    unique_sorted,
+)
 from settle_arrow.storage.base import Storage
 
 
@@ -32,6 +41,9 @@ def _frame(t: pa.Table) -> pl.DataFrame:
 def _to_ref(inverse: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """database ids -> reference row indices (-1 for keys the reference data no longer has)."""
     inside = ids < len(inverse)
+    if len(inverse) and inverse[-1] == len(inverse) - 1 and (inverse == np.arange(len(inverse))).all():
+        # Ids in reference order (the usual case): the id is the index, no gather of millions.
+        return np.where(inside, ids, -1)
     return np.where(inside, inverse[np.where(inside, ids, 0)], -1)
 
 
@@ -57,10 +69,10 @@ def recover(storage: Storage, ref: RefData, dims: DimIds) -> EngineState:
         "sell_account_id, buy_unit_id, sell_unit_id FROM trade_facts"
     ))
     markets = _frame(storage.query("SELECT id, market FROM dim_security ORDER BY id"))
-    market_of = np.full(int(markets["id"].max()) + 1 if markets.height else 0, None, dtype=object)
-    market_of[markets["id"].to_numpy()] = markets["market"].to_numpy()
-    market = pl.Series(market_of[facts["sec_id"].to_numpy()] if facts.height else [], dtype=pl.String)
-    keys, ok = trade_keys(market, facts["trade_date"], facts["trade_id"])
+    code_of = np.full(int(markets["id"].max()) + 1 if markets.height else 0, -1, dtype=np.int64)
+    code_of[markets["id"].to_numpy()] = market_codes(markets["market"])
+    code = code_of[facts["sec_id"].to_numpy()] if facts.height else np.empty(0, np.int64)
+    keys, ok = pack_keys(code, facts["trade_date"], facts["trade_id"])
     assert ok.all(), "accepted trades always have packable keys"
     n = (facts["sign"] == 1).to_numpy()
     account_of, unit_of, sec_of = DimIds.inverse(dims.account), DimIds.inverse(dims.unit), DimIds.inverse(dims.security)
@@ -72,7 +84,7 @@ def recover(storage: Storage, ref: RefData, dims: DimIds) -> EngineState:
         **{f"{side}_unit_idx": _to_ref(unit_of, facts[f"{side}_unit_id"].to_numpy()) for side in ("buy", "sell")},
     }
     state.accepted.insert(keys[n], {k: v[n] for k, v in acc.items()})
-    refs, _ = trade_keys(market, facts["trade_date"], facts["ref_trade_id"])
+    refs, _ = pack_keys(code, facts["trade_date"], facts["ref_trade_id"])
     state.cancelled.insert(refs[~n])
 
     # Quarantined rows count as seen when their key fields parse (SPEC §3 DUPLICATE_TRADE).
@@ -90,7 +102,9 @@ def recover(storage: Storage, ref: RefData, dims: DimIds) -> EngineState:
     # Holdings: the snapshot (stored in key order, unique keys) as one run, then the legs
     # since it as deltas; zero positions may stay in memory (a missing key reads as zero).
     for i, part in enumerate(("holdings_snapshot", "holdings_legs")):
-        h = _frame(storage.query(f"SELECT acct_id, sec_id, quantity FROM {part}"))
+        # Key order (the snapshot is stored so; the legs are sorted by the database): with
+        # dimension ids equal to reference order, both arrive as sorted runs.
+        h = _frame(storage.query(f"SELECT acct_id, sec_id, quantity FROM {part} ORDER BY acct_id, sec_id"))
         acct = _to_ref(account_of, h["acct_id"].to_numpy())
         sec = _to_ref(sec_of, h["sec_id"].to_numpy())
         _require_known(storage, h.filter(pl.Series((acct < 0) | (sec < 0)) & (h["quantity"] != 0)))

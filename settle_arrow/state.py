@@ -45,7 +45,11 @@ def trade_keys(market: pl.Series, trade_date: pl.Series, trade_id: pl.Series) ->
     those ranges (unknown market, far-off date, huge id) is not packable and is kept exactly
     in EngineState.odd_seen instead; the mask says which rows those are.
     """
-    code = market_codes(market)
+    return pack_keys(market_codes(market), trade_date, trade_id)
+
+
+def pack_keys(code: np.ndarray, trade_date: pl.Series, trade_id: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    """trade_keys with the market already as MARKET_CODES (-1: none)."""
     day = trade_date.cast(pl.Int32).fill_null(-1).to_numpy().astype(np.int64) - DAY0
     tid = trade_id.fill_null(-1).to_numpy().astype(np.int64)
     ok = (
@@ -54,7 +58,6 @@ def trade_keys(market: pl.Series, trade_date: pl.Series, trade_id: pl.Series) ->
         & (day < (1 << DAY_BITS))
         & (tid >= 0)
         & (tid < (1 << TRADE_ID_BITS))
-        & market.is_not_null().to_numpy()
         & trade_date.is_not_null().to_numpy()
     )
     code, day, tid = (np.where(ok, a, 0).astype(np.uint64) for a in (code, day, tid))
@@ -88,9 +91,13 @@ class SortedRuns:
         pos_of = np.zeros(len(keys), dtype=np.int64)
         if not len(keys):
             return run_of, pos_of
-        # Sorted probes walk the run in cache order (PERF_NOTES: ~5x faster than random).
-        order = np.argsort(keys, kind="stable")
-        probe = keys[order]
+        # Sorted probes walk the run in cache order (PERF_NOTES: ~5x faster than random);
+        # probes that come sorted (registration, recovery) skip the sort.
+        if bool((keys[1:] >= keys[:-1]).all()):
+            order, probe = np.arange(len(keys)), keys
+        else:
+            order = np.argsort(keys, kind="stable")
+            probe = keys[order]
         for r, (run_keys, _) in enumerate(self.runs):
             if not len(run_keys):
                 continue
