@@ -27,6 +27,8 @@ import duckdb
 from settle_arrow.generate import MarketSpec, generate_market
 
 RESTART_WINDOW = 100_000
+BATCH_TARGET_ROWS = 20_000_000  # the scales VISION's batch and memory targets are set at
+RSS_TARGET_ROWS = 100_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +180,8 @@ def targets(results: list[dict]) -> list[dict]:
     by = {r["mode"].split(" (")[0]: r for r in results}
     rows = []
 
-    def add(what: str, goal: str, value: float | None, shown: str, met: bool) -> None:
+    def add(what: str, goal: str, value: float | None, shown: str, met: bool | None) -> None:
+        """met None: this run's scale is below the target's, so it cannot say."""
         if value is not None and not math.isnan(value):
             rows.append({"target": what, "goal": goal, "measured": shown, "met": met})
 
@@ -189,8 +192,9 @@ def targets(results: list[dict]) -> list[dict]:
         add("100,000-row windows", ">= 2,000,000 trades/s", w100["trades_per_s"], f"{w100['trades_per_s']:,.0f} trades/s",
             w100["trades_per_s"] >= 2e6)
     if batch:
-        add(f"--batch of {batch['rows']:,} trades", ">= 3,000,000 trades/s", batch["trades_per_s"],
-            f"{batch['trades_per_s']:,.0f} trades/s", batch["trades_per_s"] >= 3e6)
+        add(f"--batch of {batch['rows']:,} trades", ">= 3,000,000 trades/s (20 M trades)", batch["trades_per_s"],
+            f"{batch['trades_per_s']:,.0f} trades/s",
+            batch["trades_per_s"] >= 3e6 if batch["rows"] >= BATCH_TARGET_ROWS or batch["trades_per_s"] < 3e6 else None)
     if w10:
         add("10,000-row windows", ">= 1,000,000 trades/s", w10["trades_per_s"], f"{w10['trades_per_s']:,.0f} trades/s",
             w10["trades_per_s"] >= 1e6)
@@ -199,7 +203,7 @@ def targets(results: list[dict]) -> list[dict]:
     if streams:
         rss = max(r["peak_rss_mb"] for r in streams)
         add(f"streaming peak RSS ({streams[0]['rows']:,} trades)", "<= 4 GB (at 100 M trades)", rss, f"{rss / 1024:.2f} GB",
-            rss <= 4096)
+            rss <= 4096 if streams[0]["rows"] >= RSS_TARGET_ROWS or rss > 4096 else None)
         best = min(r["floor_ratio"] for r in streams)
         add("ratio to the DuckDB floor (best streaming mode)", "<= 10x", best, f"{best:,.0f}x", best <= 10)
     if restart:

@@ -251,7 +251,8 @@ def bench(
     for col in ("target", "goal", "measured", "met"):
         goals.add_column(col, justify="right" if col != "target" else "left")
     for g in bench_targets(results):
-        goals.add_row(g["target"], g["goal"], g["measured"], "yes" if g["met"] else "no")
+        goals.add_row(g["target"], g["goal"], g["measured"],
+                      "n/a at this scale" if g["met"] is None else "yes" if g["met"] else "no")
     # Benchmark output is mostly captured to logs: keep the tables whole at any width.
     wide = Console(width=max(out.width, 160))
     wide.print(t)

@@ -24,6 +24,9 @@ def test_targets_table_names_each_measured_target(tmp_path):
     names = [g["target"] for g in rows]
     assert names[0] == "100,000-row windows" and "10,000-row windows, commit p99" in names
     assert names[-1].startswith("restart after SIGKILL")
-    assert all(isinstance(g["met"], bool) and g["measured"] for g in rows)
+    assert all(g["measured"] for g in rows)
+    # 2,000 trades say nothing about peak memory at 100 M trades: neither met nor missed.
+    rss = next(g for g in rows if g["target"].startswith("streaming peak RSS"))
+    assert rss["met"] is None
     # Nothing at this scale reaches 2 M trades/s in Python on CI: the table must say so.
     assert rows[0]["met"] is False
