@@ -1,8 +1,9 @@
 """The engine (control plane): windows in, stages through, one atomic commit per window.
 
 Data model: ordered SourceFiles -> windows (a window is `window_rows` consecutive input
-rows, possibly spanning files; `batch` makes the whole input one window) -> stages ->
-storage.commit_window -> state effects.
+rows, possibly spanning files; `batch` makes the whole input one window) -> stages'
+prepare (reader thread) -> stages' process -> self-checks -> state effects ->
+storage.commit_window (commit lane).
 
 Invariants:
   * one Python iteration per window, never per row;

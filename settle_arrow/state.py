@@ -12,9 +12,11 @@ Data model:
                  holdings   (acct_idx * n_sec + sec_idx) -> quantity
                  reported   NEGATIVE_HOLDING keys already raised
 
-Invariants: state changes only through `apply_*` after the window's transaction commits,
-so a failed window leaves state exactly as the database has it; state is always
-rebuildable from the database (see engine.recover).
+Invariants: state changes only through the windows' effects, applied in window order once
+a window passed its self-checks and at most one window ahead of the database (its commit
+runs meanwhile); a window that fails its checks leaves state exactly as the database has
+it, and after a failed commit the engine rebuilds state from the database (recovery.py),
+so state is always rebuildable from the database.
 """
 
 from __future__ import annotations
