@@ -210,9 +210,7 @@ class Storage(abc.ABC):
                         schema=schema.STORAGE["sources"],
                     ),
                 )
-            for k, v in (meta or {}).items():
-                self._execute("DELETE FROM meta WHERE key = ?", (k,))
-                self._append("meta", pa.table({"key": [k], "value": [v]}))
+            self._put_meta(meta or {})
             cp = dict(checkpoint, window_id=window_id, committed_at=datetime.datetime.now(datetime.UTC))
             self._append("checkpoints", pa.Table.from_pylist([cp], schema=schema.STORAGE["checkpoints"]))
             self._commit()
@@ -283,8 +281,7 @@ class Storage(abc.ABC):
             self._execute(f"INSERT INTO holdings_snapshot SELECT {cols}, {int(window_id)} FROM __holdings_next "
                           "ORDER BY acct_id, sec_id")
             self._execute("DROP TABLE __holdings_next")
-            self._execute("DELETE FROM meta WHERE key = ?", (schema.HOLDINGS_SNAPSHOT_KEY,))
-            self._append("meta", pa.table({"key": [schema.HOLDINGS_SNAPSHOT_KEY], "value": [str(window_id)]}))
+            self._put_meta({schema.HOLDINGS_SNAPSHOT_KEY: str(window_id)})
             self._commit()
         except BaseException:
             self._rollback()
@@ -296,13 +293,17 @@ class Storage(abc.ABC):
              "(SELECT CAST(value AS BIGINT) FROM meta WHERE key = ?)")
         return int(self._query(q, (schema.HOLDINGS_SNAPSHOT_KEY,))["n"][0].as_py())
 
+    def _put_meta(self, values: Mapping[str, str]) -> None:
+        """Replace meta keys inside the caller's transaction."""
+        for k, v in values.items():
+            self._execute("DELETE FROM meta WHERE key = ?", (k,))
+            self._append("meta", pa.table({"key": [k], "value": [v]}))
+
     def set_meta(self, values: Mapping[str, str]) -> None:
         """Set meta keys, in one transaction."""
         self._begin()
         try:
-            for k, v in values.items():
-                self._execute("DELETE FROM meta WHERE key = ?", (k,))
-                self._append("meta", pa.table({"key": [k], "value": [v]}))
+            self._put_meta(values)
             self._commit()
         except BaseException:
             self._rollback()
