@@ -23,7 +23,7 @@ from settle_arrow import schema
 from settle_arrow.io.parse import coerce, to_text
 from settle_arrow.refdata import RefData
 from settle_arrow.stages.base import StageContext, Window
-from settle_arrow.state import ACCEPTED_PAYLOAD, ODD_KEY_SCHEMA, TRADE_ID_BITS, market_codes, trade_keys
+from settle_arrow.state import ACCEPTED_PAYLOAD, ODD_KEY_SCHEMA, TRADE_ID_BITS, market_codes, pack_keys
 
 # Largest trade value the engine accepts, in milli-CNY (10^13 CNY): keeps amount x fee
 # rate products inside int64 (see stages/clearing.py) with a wide margin over any real trade.
@@ -63,11 +63,10 @@ def _schema_detail(typed: pl.DataFrame) -> pl.Series:
     return detail
 
 
-def _business_day(ref: RefData, market: pl.Series, day: pl.Series) -> np.ndarray:
+def _business_day(ref: RefData, code: np.ndarray, day: pl.Series) -> np.ndarray:
     cal = ref.calendar_keys
     if not len(cal):
-        return np.zeros(len(market), dtype=bool)
-    code = market_codes(market)
+        return np.zeros(len(code), dtype=bool)
     days = day.cast(pl.Int32).fill_null(-1).to_numpy().astype(np.int64)
     key = (code << 32) | (days & 0xFFFFFFFF)
     pos = np.minimum(np.searchsorted(cal, key), len(cal) - 1)
@@ -97,7 +96,8 @@ class Validate:
             .to_series()
             .to_numpy()
         )
-        keys, packable = trade_keys(typed["market"], typed["trade_date"], typed["trade_id"])
+        code = market_codes(typed["market"])  # once: keys, ref keys and the calendar use it
+        keys, packable = pack_keys(code, typed["trade_date"], typed["trade_id"])
         packable &= key_ok
         odd = key_ok & ~packable
         # First occurrence in the window: packed keys for the common case, exact struct
@@ -114,10 +114,10 @@ class Validate:
                 "sec_idx": ref.sec_idx(typed),
                 "buy_unit_idx": units[:n], "sell_unit_idx": units[n:],
                 "buy_acct_idx": accts[:n], "sell_acct_idx": accts[n:],
-                "business": _business_day(ref, typed["market"], typed["trade_date"]),
+                "business": _business_day(ref, code, typed["trade_date"]),
                 "key_ok": key_ok, "packable": packable, "odd": odd, "first": first,
                 "key": keys,
-                "ref_key": trade_keys(typed["market"], typed["trade_date"], typed["ref_trade_id"])[0],
+                "ref_key": pack_keys(code, typed["trade_date"], typed["ref_trade_id"])[0],
                 "detail0": detail,
             }
         )
