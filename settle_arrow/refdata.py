@@ -128,7 +128,7 @@ class RefData:
 
     @functools.cached_property
     def _opening(self) -> tuple[pl.DataFrame, str]:
-        return _load_opening(self.dir_url, self.securities, self.account_index)
+        return _load_opening(self)
 
     @property
     def opening(self) -> pl.DataFrame:
@@ -292,23 +292,21 @@ def _file_sha256(url: str | None) -> str:
     return h.hexdigest()
 
 
-def _load_opening(dir_url: str, sec: pl.DataFrame, account_index: StringIndex) -> tuple[pl.DataFrame, str]:
+def _load_opening(ref: RefData) -> tuple[pl.DataFrame, str]:
     """Load and check the holdings table; (opening, row digest)."""
-    hold = _load_table(dir_url, "holdings")
+    hold = _load_table(ref.dir_url, "holdings")
     if hold.filter(pl.col("quantity") <= 0).height:
         raise RefDataError("holdings: opening quantity must be > 0")
-    acct_idx = account_index.lookup(hold["account_id"])
+    acct_idx = ref.account_index.lookup(hold["account_id"])
     if (acct_idx < 0).any():
         raise RefDataError(f"holdings: account {hold['account_id'][int(np.argmax(acct_idx < 0))]!r} is not defined")
-    opening = hold.with_columns(pl.Series("acct_idx", acct_idx)).join(
-        sec.select("market", "security_id", "sec_idx"), on=["market", "security_id"], how="left", maintain_order="left"
-    )
+    opening = hold.with_columns(pl.Series("acct_idx", acct_idx), ref.sec_idx(hold))
     if opening["sec_idx"].null_count():
         row = opening.filter(pl.col("sec_idx").is_null()).row(0, named=True)
         raise RefDataError(f"holdings: security {row['market']}/{row['security_id']} is not defined")
     opening = opening.select("acct_idx", "sec_idx", "quantity")
     # Uniqueness on the integer pair: ~10x cheaper than on three string columns.
-    pair = opening["acct_idx"].cast(pl.Int64) * max(1, sec.height) + opening["sec_idx"].cast(pl.Int64)
+    pair = opening["acct_idx"].cast(pl.Int64) * max(1, ref.securities.height) + opening["sec_idx"].cast(pl.Int64)
     if pair.is_duplicated().any():
         row = hold.filter(pair.is_duplicated()).row(0, named=True)
         raise RefDataError(f"holdings: duplicate key {row['account_id']}/{row['market']}/{row['security_id']}")
