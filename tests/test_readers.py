@@ -20,6 +20,10 @@ from settle_arrow import open_target, replay
 from settle_arrow.generate import MarketSpec, generate_market
 
 WINDOW = 100
+# The other process's replay must last long enough for a polling reader (and a CLI status
+# process between its reads) to land mid-run: a faster engine once finished 90 windows of
+# 100 rows between two reads.
+PG_WINDOW = 25
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +65,7 @@ def test_postgres_reader_process_sees_whole_windows(market, pg_backend, tmp_path
     total = 9000
     writer = subprocess.Popen(
         [sys.executable, "-m", "settle_arrow.cli", "replay", str(market / "trades"), "--refdata",
-         str(market / "refdata"), "--db", db, "--window", str(WINDOW), "--quiet"],
+         str(market / "refdata"), "--db", db, "--window", str(PG_WINDOW), "--quiet"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     statuses, seen = [], []
