@@ -1,15 +1,16 @@
 """The engine (control plane): windows in, stages through, one atomic commit per window.
 
 Data model: ordered SourceFiles -> windows (a window is `window_rows` consecutive input
-rows, possibly spanning files; `batch` makes the whole input one window) -> stages'
-prepare (reader thread) -> stages' process -> self-checks -> state effects ->
-storage.commit_window (commit lane).
+rows, possibly spanning files; `batch` makes the whole input one window) -> pieces of at
+most PIECE_ROWS_MAX rows (a window is one piece unless larger) -> stages' prepare (reader
+thread) -> stages' process -> self-checks -> state effects -> storage.stage_window per
+piece, storage.commit_window for the window's last piece (commit lane).
 
 Invariants:
-  * one Python iteration per window, never per row;
-  * a window's outputs, its checkpoint and the new source offsets commit in one
-    transaction, in window order, on the commit lane (pipeline.py) while the next window
-    is processed; in-memory state runs at most one window ahead of the database and is
+  * one Python iteration per piece, never per row;
+  * a window's outputs (all its pieces), its checkpoint and the new source offsets commit
+    in one transaction, in window order, on the commit lane (pipeline.py) while the next
+    piece is processed; in-memory state runs at most one window ahead of the database and is
     rebuilt from it after any failed commit; on restart the offsets say where to resume
     and recovery rebuilds the state, so every input row is processed exactly once
     whatever moment the process dies at;
@@ -43,6 +44,11 @@ from settle_arrow.storage import Storage, open_storage
 
 WINDOW_ROWS_DEFAULT = 100_000
 WINDOW_ROWS_MAX = 50_000_000
+# A window larger than this (a --batch, say) is processed in pieces of this many rows
+# inside its one transaction: memory is bounded by the piece, not by the window, and the
+# window still commits atomically (measured: 500 k-row pieces run at the speed of 100 k
+# windows; the whole 5 M-trade batch at once needed 6.4 GB).
+PIECE_ROWS_MAX = 500_000
 # A delta table is folded when it has grown by this factor over its last folded size; the
 # holdings snapshot is rewritten when the trade legs since it outnumber its rows likewise.
 # Both keep the cost amortised O(1) per row and the views' read cost O(state).
@@ -71,10 +77,15 @@ class ReplayReport:
 
 @dataclasses.dataclass(frozen=True)
 class _RawWindow:
+    """One piece of a window: the whole window, or a part of one larger than PIECE_ROWS_MAX
+    (`final` marks the piece that ends its window). Progress fields are cumulative over the
+    window up to the end of this piece."""
+
     frame: pl.DataFrame
     progress: tuple[tuple[str, int, int], ...]  # (source, size_bytes, rows_done) touched
     last_source: str
     last_offset: int
+    final: bool = True
 
 
 def _check_columns(src: SourceFile) -> None:
@@ -124,35 +135,48 @@ def _concat(frames: list[pl.DataFrame]) -> pl.DataFrame:
     return pl.concat(texts, how="diagonal")
 
 
-def _windows(sources: tuple[SourceFile, ...], done: dict[str, tuple[int, int]], window_rows: int | None) -> Iterator[_RawWindow]:
-    """Cut the remaining input into windows; `window_rows=None` means one window."""
+def _windows(sources: tuple[SourceFile, ...], done: dict[str, tuple[int, int]], window_rows: int | None,
+             piece_rows: int | None = None) -> Iterator[_RawWindow]:
+    """Cut the remaining input into windows (`window_rows=None`: one window), each handed
+    out in pieces of at most `piece_rows` rows (PIECE_ROWS_MAX)."""
+    piece_rows = piece_rows or PIECE_ROWS_MAX
     done = dict(done)  # updated as windows are handed out: the run's own progress
     frames: list[pl.DataFrame] = []
     touched: dict[str, tuple[int, int]] = {}
-    rows = 0
+    rows = piece = 0  # rows in the open window, rows in the open piece
     last = ("", 0)
+
+    def cut(final: bool) -> _RawWindow:
+        return _RawWindow(_concat(frames), tuple((u, s, r) for u, (s, r) in touched.items()), *last, final=final)
+
     for src in sources:
         pos = done.get(src.url, (src.size_bytes, 0))[1]
         touched.setdefault(src.url, (src.size_bytes, pos))
         for batch in read_batches(src, start_row=pos):
             while batch.num_rows:
-                take = batch.num_rows if window_rows is None else min(batch.num_rows, window_rows - rows)
+                room = piece_rows - piece if window_rows is None else min(window_rows - rows, piece_rows - piece)
+                take = min(batch.num_rows, room)
                 frames.append(_batch_frame(batch.slice(0, take), src, pos))
                 pos += take
                 rows += take
+                piece += take
                 batch = batch.slice(take)
                 touched[src.url] = (src.size_bytes, pos)
                 last = (src.url, pos)
                 if window_rows is not None and rows == window_rows:
-                    yield _RawWindow(_concat(frames), tuple((u, s, r) for u, (s, r) in touched.items()), *last)
+                    yield cut(final=True)
                     done.update(touched)
-                    frames, rows = [], 0
+                    frames, rows, piece = [], 0, 0
                     touched = {src.url: (src.size_bytes, pos)}
+                elif piece == piece_rows:
+                    yield cut(final=False)
+                    frames, piece = [], 0
     fresh = any(done.get(u) != (s, r) for u, (s, r) in touched.items())
     if rows or fresh:
         # The tail window also records files that turned out empty, so a re-run skips them;
         # a re-run over finished input yields nothing, so it commits nothing (exactly once).
-        yield _RawWindow(_concat(frames), tuple((u, s, r) for u, (s, r) in touched.items()), *last)
+        # After pieces of an open window this final piece may be empty: it commits them.
+        yield cut(final=True)
 
 
 def _digest(window: Window) -> str:
@@ -162,6 +186,11 @@ def _digest(window: Window) -> str:
         h.update(f"{name}:{f.height}:".encode())
         h.update(f.hash_rows().sum().to_bytes(8, "little", signed=False) if f.height else b"")
     return h.hexdigest()[:16]
+
+
+def _combine(digests: list[str]) -> str:
+    """A window's digest from its pieces' digests, in order."""
+    return hashlib.sha256(":".join(digests).encode()).hexdigest()[:16]
 
 
 class Engine:
@@ -181,6 +210,12 @@ class Engine:
         self._state_ahead = False
 
     def _init_opening(self) -> None:
+        try:
+            self._check_opening()
+        finally:
+            self.refdata.release_opening()
+
+    def _check_opening(self) -> None:
         meta = self.storage.meta()
         digest = meta.get("opening_digest")
         ref = self.refdata
@@ -242,36 +277,55 @@ class Engine:
         if self._state_ahead:  # an earlier run stopped with state past its last commit
             self.state = recover(self.storage, self.refdata, self.dims)
             self._state_ahead = False
-        # Reading, decoding and each stage's stateless work run one window ahead in the
+        # Reading, decoding and each stage's stateless work run one piece ahead in the
         # reader thread; window ids are assigned there, in order.
-        first_id = window_id + 1
-        ahead = (
-            (raw, self.prepare(first_id + i, raw.frame))
-            for i, raw in enumerate(_windows(sources, done, window_rows))
-        )
-        with CommitLane() as lane:
-            for raw, prepared in prefetch(ahead):
-                window_id = prepared.window_id
-                window = self.process(prepared)
-                problems = checks.window_violations(window)
-                if problems:
-                    lane.drain()  # the windows before this one commit: state = database again
-                    self._state_ahead = False
-                    self.storage.record_self_check(window_id, problems)
-                    raise SelfCheckError(f"window {window_id} not committed: {problems[0]}")
-                # State runs ahead of the database by at most this window, so the next one
-                # can be processed while this one commits; if the commit fails the run stops
-                # and the state is rebuilt from the database before any further run.
-                self._state_ahead = True
-                for effect in window.effects:
-                    effect()
-                q = window.frames["quarantine"]
-                reasons.update(dict(q.group_by("reason").len().iter_rows()) if q.height else {})
-                read += raw.frame.height
-                accepted += window.frames["accepted"].height
-                windows += 1
-                done_cb = (lambda r=read, w=windows: on_window(r, w)) if on_window else None
-                lane.submit(self._commit_job(window, raw, len(self.state.holdings)), done_cb)
+        def ahead() -> Iterator[tuple[_RawWindow, Window]]:
+            next_id = window_id + 1
+            for raw in _windows(sources, done, window_rows):
+                yield raw, self.prepare(next_id, raw.frame)
+                next_id += raw.final
+
+        digests: list[str] = []  # of the open window's pieces so far
+        rows_in_window = 0
+        try:
+            with CommitLane() as lane:
+                for raw, prepared in prefetch(ahead()):
+                    window_id = prepared.window_id
+                    window = self.process(prepared)
+                    problems = checks.window_violations(window)
+                    if problems:
+                        lane.drain()  # the windows before this one commit
+                        self.storage.abort_window()  # and none of this one's pieces
+                        # State = database again, unless earlier pieces of this window
+                        # changed it: then it is rebuilt before any further run.
+                        self._state_ahead = bool(digests)
+                        self.storage.record_self_check(window_id, problems)
+                        raise SelfCheckError(f"window {window_id} not committed: {problems[0]}")
+                    # State runs ahead of the database by at most this window, so the next
+                    # piece can be processed while this one commits; if the commit fails the
+                    # run stops and the state is rebuilt from the database before any further run.
+                    self._state_ahead = True
+                    for effect in window.effects:
+                        effect()
+                    q = window.frames["quarantine"]
+                    reasons.update(dict(q.group_by("reason").len().iter_rows()) if q.height else {})
+                    read += raw.frame.height
+                    accepted += window.frames["accepted"].height
+                    rows_in_window += raw.frame.height
+                    digests.append(_digest(window))
+                    done_cb = None
+                    if raw.final:
+                        windows += 1
+                        done_cb = (lambda r=read, w=windows: on_window(r, w)) if on_window else None
+                        checkpoint = {"source": raw.last_source, "offset": raw.last_offset, "rows": rows_in_window,
+                                      "digest": digests[0] if len(digests) == 1 else _combine(digests)}
+                        digests, rows_in_window = [], 0
+                    else:
+                        checkpoint = None
+                    lane.submit(self._commit_job(window, raw, len(self.state.holdings), checkpoint), done_cb)
+        except BaseException:
+            self.storage.abort_window()  # pieces of an unfinished window never commit
+            raise
         self._state_ahead = False
         problems = self.storage.verify()
         self.storage.record_self_check(window_id, problems)
@@ -290,28 +344,27 @@ class Engine:
             self_check="OK",
         )
 
-    def _commit_job(self, window: Window, raw: _RawWindow, holdings_rows: int) -> Callable[[], None]:
-        """The window's commit and any compaction it makes due, as one job for the commit
-        lane. Jobs run one at a time in window order, so the row counters they keep are
-        only ever touched by the job running."""
+    def _commit_job(self, window: Window, raw: _RawWindow, holdings_rows: int,
+                    checkpoint: dict[str, object] | None) -> Callable[[], None]:
+        """One piece's appends, and for the piece that ends its window the commit (with
+        `checkpoint`) and any compaction it makes due, as one job for the commit lane. Jobs
+        run one at a time in window order, so the row counters they keep are only ever
+        touched by the job running."""
         dims, ref, storage = self.dims, self.refdata, self.storage
 
         def job() -> None:
-            due = []
             for name in schema.DELTAS:
                 self._delta_rows[name] += window.frames[name].height
-                if self._delta_rows[name] > max(COMPACT_ROWS_MIN, COMPACT_GROWTH * self._folded_rows[name]):
-                    due.append(name)
             self._legs_since_snapshot += 2 * window.frames["cleared"].height
-            snapshot = self._legs_since_snapshot > max(COMPACT_ROWS_MIN, COMPACT_GROWTH * holdings_rows)
             appends = {n: window.frames[n].to_arrow() for n in schema.WINDOW_APPENDS if n != "trade_facts"}
             appends["trade_facts"] = trade_facts(window.frames["cleared"], ref, dims).to_arrow()
-            storage.commit_window(
-                window.window_id,
-                appends,
-                {"source": raw.last_source, "offset": raw.last_offset, "rows": raw.frame.height, "digest": _digest(window)},
-                raw.progress,
-            )
+            if checkpoint is None:
+                storage.stage_window(window.window_id, appends)
+                return
+            due = [name for name in schema.DELTAS
+                   if self._delta_rows[name] > max(COMPACT_ROWS_MIN, COMPACT_GROWTH * self._folded_rows[name])]
+            snapshot = self._legs_since_snapshot > max(COMPACT_ROWS_MIN, COMPACT_GROWTH * holdings_rows)
+            storage.commit_window(window.window_id, appends, checkpoint, raw.progress)
             for name in due:
                 self._folded_rows[name] = self._delta_rows[name] = storage.compact(name)
             if snapshot:

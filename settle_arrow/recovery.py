@@ -31,6 +31,8 @@ from settle_arrow.state import (
 )
 from settle_arrow.storage.base import Storage
 
+RECOVERY_BATCH_ROWS = 1_000_000  # trade rows rebuilt at a time (bounds recovery's memory)
+
 
 def _frame(t: pa.Table) -> pl.DataFrame:
     out = pl.from_arrow(t)
@@ -63,41 +65,47 @@ def _require_known(storage: Storage, unknown: pl.DataFrame) -> None:
 
 def recover(storage: Storage, ref: RefData, dims: DimIds) -> EngineState:
     state = EngineState(n_sec=max(1, ref.securities.height))
-
-    facts = _frame(storage.query(
-        "SELECT trade_date, trade_id, sign, ref_trade_id, sec_id, price, quantity, buy_account_id, "
-        "sell_account_id, buy_unit_id, sell_unit_id FROM trade_facts"
-    ))
+    account_of, unit_of, sec_of = DimIds.inverse(dims.account), DimIds.inverse(dims.unit), DimIds.inverse(dims.security)
     markets = _frame(storage.query("SELECT id, market FROM dim_security ORDER BY id"))
     code_of = np.full(int(markets["id"].max()) + 1 if markets.height else 0, -1, dtype=np.int64)
     code_of[markets["id"].to_numpy()] = market_codes(markets["market"])
-    code = code_of[facts["sec_id"].to_numpy()] if facts.height else np.empty(0, np.int64)
-    keys, ok = pack_keys(code, facts["trade_date"], facts["trade_id"])
-    assert ok.all(), "accepted trades always have packable keys"
-    n = (facts["sign"] == 1).to_numpy()
-    account_of, unit_of, sec_of = DimIds.inverse(dims.account), DimIds.inverse(dims.unit), DimIds.inverse(dims.security)
-    acc = {
-        "sec_idx": _to_ref(sec_of, facts["sec_id"].to_numpy()),
-        "price_milli": (facts["price"] * 1000).cast(pl.Int64).to_numpy(),
-        "quantity": facts["quantity"].to_numpy(),
-        **{f"{side}_acct_idx": _to_ref(account_of, facts[f"{side}_account_id"].to_numpy()) for side in ("buy", "sell")},
-        **{f"{side}_unit_idx": _to_ref(unit_of, facts[f"{side}_unit_id"].to_numpy()) for side in ("buy", "sell")},
-    }
-    state.accepted.insert(keys[n], {k: v[n] for k, v in acc.items()})
-    refs, _ = pack_keys(code, facts["trade_date"], facts["ref_trade_id"])
-    state.cancelled.insert(refs[~n])
 
-    # Quarantined rows count as seen when their key fields parse (SPEC §3 DUPLICATE_TRADE).
-    q = _frame(storage.query("SELECT market, trade_date, trade_id FROM quarantine"))
-    typed = coerce(q, pa.schema([schema.INPUT_TRADE.field(c) for c in ODD_KEY_SCHEMA]))
-    parsed = typed.filter(
-        pl.all_horizontal(pl.col(list(ODD_KEY_SCHEMA)).is_not_null())
-        & ~pl.any_horizontal(pl.col([f"{c}__bad" for c in ODD_KEY_SCHEMA]))
-    ).select(list(ODD_KEY_SCHEMA))
-    qkeys, qok = trade_keys(parsed["market"], parsed["trade_date"], parsed["trade_id"])
-    all_keys = unique_sorted(np.concatenate([keys, qkeys[qok]]))
-    state.seen.insert(all_keys)
-    state.odd_seen = parsed.filter(pl.Series(~qok)).unique(maintain_order=True)
+    # Every committed trade, in batches: the history can be far larger than memory, while
+    # the state it leaves (runs freeze and spill as they grow) is not.
+    facts_sql = ("SELECT trade_date, trade_id, sign, ref_trade_id, sec_id, price, quantity, buy_account_id, "
+                 "sell_account_id, buy_unit_id, sell_unit_id FROM trade_facts")
+    for batch in storage.query_batches(facts_sql, RECOVERY_BATCH_ROWS):
+        facts = _frame(pa.Table.from_batches([batch]))
+        code = code_of[facts["sec_id"].to_numpy()] if facts.height else np.empty(0, np.int64)
+        keys, ok = pack_keys(code, facts["trade_date"], facts["trade_id"])
+        assert ok.all(), "accepted trades always have packable keys"
+        n = (facts["sign"] == 1).to_numpy()
+        acc = {
+            "sec_idx": _to_ref(sec_of, facts["sec_id"].to_numpy()),
+            "price_milli": (facts["price"] * 1000).cast(pl.Int64).to_numpy(),
+            "quantity": facts["quantity"].to_numpy(),
+            **{f"{side}_acct_idx": _to_ref(account_of, facts[f"{side}_account_id"].to_numpy()) for side in ("buy", "sell")},
+            **{f"{side}_unit_idx": _to_ref(unit_of, facts[f"{side}_unit_id"].to_numpy()) for side in ("buy", "sell")},
+        }
+        state.accepted.insert(keys[n], {k: v[n] for k, v in acc.items()})
+        refs, _ = pack_keys(code, facts["trade_date"], facts["ref_trade_id"])
+        state.cancelled.insert(refs[~n])
+        state.seen.insert(keys)  # accepted keys are unique: no batch repeats another's
+
+    # Quarantined rows count as seen when their key fields parse (SPEC §3 DUPLICATE_TRADE);
+    # their keys may repeat each other and accepted ones.
+    odd: list[pl.DataFrame] = []
+    for batch in storage.query_batches("SELECT market, trade_date, trade_id FROM quarantine", RECOVERY_BATCH_ROWS):
+        typed = coerce(_frame(pa.Table.from_batches([batch])), pa.schema([schema.INPUT_TRADE.field(c) for c in ODD_KEY_SCHEMA]))
+        parsed = typed.filter(
+            pl.all_horizontal(pl.col(list(ODD_KEY_SCHEMA)).is_not_null())
+            & ~pl.any_horizontal(pl.col([f"{c}__bad" for c in ODD_KEY_SCHEMA]))
+        ).select(list(ODD_KEY_SCHEMA))
+        qkeys, qok = trade_keys(parsed["market"], parsed["trade_date"], parsed["trade_id"])
+        fresh = unique_sorted(qkeys[qok])
+        state.seen.insert(fresh[~state.seen.contains(fresh)])
+        odd.append(parsed.filter(pl.Series(~qok)))
+    state.odd_seen = pl.concat(odd).unique(maintain_order=True) if odd else state.odd_seen
 
     # Holdings: the snapshot (stored in key order, unique keys) as one run, then the legs
     # since it as deltas; zero positions may stay in memory (a missing key reads as zero).

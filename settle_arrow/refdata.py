@@ -130,6 +130,11 @@ class RefData:
     def _opening(self) -> tuple[pl.DataFrame, str]:
         return _load_opening(self)
 
+    def release_opening(self) -> None:
+        """Drop the loaded opening holdings (the next use loads them again): once a TARGET
+        has them stored, a long replay need not keep ten million rows in memory."""
+        self.__dict__.pop("_opening", None)
+
     @property
     def opening(self) -> pl.DataFrame:
         """Opening holdings: acct_idx, sec_idx, quantity (> 0, keys unique); loaded and

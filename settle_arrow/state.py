@@ -4,6 +4,9 @@ Data model:
   SortedRuns   key (int64/uint64) -> optional payload columns (numpy arrays), keys unique
                across runs; each run sorted; run sizes shrink geometrically so a lookup
                costs O(log n) searchsorted calls and an insert is amortised O(log n).
+               Optionally runs freeze at a size (never merged again: bounded merge copies)
+               and spill to files mapped read-only, so the trade history costs disk, and
+               memory only for the runs today's probes touch.
   EngineState  everything a window needs to know about the past:
                  seen       trade keys (market, trade_date, trade_id) of every parsed row
                  odd_seen   the same for keys that do not pack into 64 bits (rare, exact)
@@ -23,6 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import mmap
+import os
+import tempfile
 
 import numpy as np
 import polars as pl
@@ -33,6 +39,13 @@ DAY0 = (datetime.date(1990, 1, 1) - datetime.date(1970, 1, 1)).days
 TRADE_ID_BITS = 46
 DAY_BITS = 16
 MARKET_CODES = schema.MARKET_CODES
+assert len(MARKET_CODES) <= 1 << (64 - DAY_BITS - TRADE_ID_BITS), "market codes must fit their bits"
+# Freeze sizes (see SortedRuns): merges copy at most ~2x these many keys at any stream length.
+SEEN_FROZEN_ROWS = 8_000_000  # 64 MB of keys per frozen run
+ACCEPTED_FROZEN_ROWS = 2_000_000  # 88 MB of keys and payload per frozen run
+# Frozen runs of both live in files here: the memory they cost is that of the runs probed
+# now (today's keys), not that of the whole history.
+SPILL_DIR = os.environ.get("SETTLE_ARROW_SPILL_DIR") or tempfile.gettempdir()
 
 
 def market_codes(market: pl.Series) -> np.ndarray:
@@ -43,7 +56,8 @@ def market_codes(market: pl.Series) -> np.ndarray:
 def trade_keys(market: pl.Series, trade_date: pl.Series, trade_id: pl.Series) -> tuple[np.ndarray, np.ndarray]:
     """Pack (market, trade_date, trade_id) into uint64: (keys, packable mask).
 
-    Layout: 2 bits market | 16 bits days since 1990-01-01 | 46 bits trade_id. A key outside
+    Layout: 16 bits days since 1990-01-01 | 2 bits market | 46 bits trade_id. Day-major, so
+    the keys of past days sort below today's and SortedRuns skips their frozen runs. A key outside
     those ranges (unknown market, far-off date, huge id) is not packable and is kept exactly
     in EngineState.odd_seen instead; the mask says which rows those are.
     """
@@ -63,7 +77,7 @@ def pack_keys(code: np.ndarray, trade_date: pl.Series, trade_id: pl.Series) -> t
         & trade_date.is_not_null().to_numpy()
     )
     code, day, tid = (np.where(ok, a, 0).astype(np.uint64) for a in (code, day, tid))
-    keys = (code << np.uint64(62)) | (day << np.uint64(TRADE_ID_BITS)) | tid
+    keys = (day << np.uint64(64 - DAY_BITS)) | (code << np.uint64(TRADE_ID_BITS)) | tid
     return keys, ok
 
 
@@ -74,12 +88,30 @@ def unique_sorted(keys: np.ndarray) -> np.ndarray:
 
 
 class SortedRuns:
-    """Unique sorted keys with payload columns, as a few sorted runs (see module doc)."""
+    """Unique sorted keys with payload columns, as a few sorted runs (see module doc).
 
-    def __init__(self, dtype: type = np.uint64, payload: dict[str, type] | None = None):
+    `frozen_rows_min`: a run that grows to this many keys is frozen: never merged again,
+    so a merge never copies more than about twice that many keys (peak memory stays
+    bounded at any stream length) and a probe skips each frozen run whose key range it
+    misses (trade keys are day-major, so old days' runs are skipped by two comparisons).
+    `spill_dir`: frozen runs move to files there, mapped read-only: their pages cost
+    memory only while probed (cancellations of old trades are rare).
+    """
+
+    def __init__(self, dtype: type = np.uint64, payload: dict[str, type] | None = None,
+                 frozen_rows_min: int | None = None, spill_dir: str | None = None):
+        assert frozen_rows_min is None or frozen_rows_min > 0
+        assert spill_dir is None or frozen_rows_min is not None, "only frozen runs spill"
         self.dtype = dtype
         self.payload_types = dict(payload or {})
+        self.frozen_rows_min = frozen_rows_min
+        self.spill_dir = spill_dir
         self.runs: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
+        self.n_frozen = 0  # runs[:n_frozen] are frozen, runs[n_frozen:] merge as an LSM
+        # Spilled run index -> its mappings, and the spilled runs whose pages the last find
+        # touched (they count in this process's memory until released).
+        self._maps: dict[int, list[mmap.mmap]] = {}
+        self._resident: set[int] = set()
         # Bumped on every change: positions found at one version stay valid until the next.
         self.version = 0
 
@@ -103,10 +135,24 @@ class SortedRuns:
         for r, (run_keys, _) in enumerate(self.runs):
             if not len(run_keys):
                 continue
-            pos = np.minimum(np.searchsorted(run_keys, probe), len(run_keys) - 1)
-            hit = run_keys[pos] == probe
-            run_of[order[hit]] = r
-            pos_of[order[hit]] = pos[hit]
+            # Only the probes inside the run's key range can hit it.
+            lo = int(np.searchsorted(probe, run_keys[0], "left"))
+            hi = int(np.searchsorted(probe, run_keys[-1], "right"))
+            if lo == hi:
+                if r in self._resident:
+                    # Not probed now (an older day's run, typically): hand its pages back to
+                    # the page cache so memory stays bounded by the runs in use.
+                    for m in self._maps[r]:
+                        m.madvise(mmap.MADV_DONTNEED)
+                    self._resident.discard(r)
+                continue
+            if r in self._maps:
+                self._resident.add(r)
+            inside = probe[lo:hi]
+            pos = np.minimum(np.searchsorted(run_keys, inside), len(run_keys) - 1)
+            hit = run_keys[pos] == inside
+            run_of[order[lo:hi][hit]] = r
+            pos_of[order[lo:hi][hit]] = pos[hit]
         return run_of, pos_of
 
     def contains(self, keys: np.ndarray) -> np.ndarray:
@@ -123,6 +169,7 @@ class SortedRuns:
 
     def add_at(self, column: str, run_of: np.ndarray, pos_of: np.ndarray, delta: np.ndarray) -> None:
         """payload[column] += delta at found positions (keys unique, so no collisions)."""
+        assert self.spill_dir is None, "spilled runs are read-only"
         self.version += 1
         for r, (_, cols) in enumerate(self.runs):
             sel = run_of == r
@@ -145,13 +192,72 @@ class SortedRuns:
             run = (keys[order], {c: np.asarray(v, dtype=self.payload_types[c])[order] for c, v in payload.items()})
             assert bool((run[0][1:] > run[0][:-1]).all()), "keys must be unique"
         self.runs.append(run)
-        while len(self.runs) >= 2 and len(self.runs[-2][0]) <= 2 * len(self.runs[-1][0]):
+        while len(self.runs) - self.n_frozen >= 2 and len(self.runs[-2][0]) <= 2 * len(self.runs[-1][0]):
             (k2, c2), (k1, c1) = self.runs.pop(), self.runs.pop()
-            merged = np.concatenate([k1, k2])
-            # Two sorted runs: timsort ('stable') merges them in linear time.
-            order = np.argsort(merged, kind="stable")
-            self.runs.append((merged[order], {c: np.concatenate([c1[c], c2[c]])[order] for c in c1}))
+            self.runs.append(_merge(k1, c1, k2, c2))
+        if self.frozen_rows_min is not None and len(self.runs[-1][0]) >= self.frozen_rows_min:
+            # Hot runs shrink geometrically, so any hot run before this one would be larger,
+            # hence frozen already: the frozen runs stay a prefix.
+            assert len(self.runs) == self.n_frozen + 1, "a run reached the freeze size behind larger hot runs"
+            if self.spill_dir is not None:
+                keys, cols, maps = _spill(self.spill_dir, *self.runs[-1])
+                self.runs[-1] = (keys, cols)
+                self._maps[len(self.runs) - 1] = maps
+            self.n_frozen += 1
 
+
+def _merge(k1: np.ndarray, c1: dict[str, np.ndarray], k2: np.ndarray,
+           c2: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One sorted run from two with disjoint keys, in linear time. With payload, scattered
+    into place: 2x faster than concatenate-and-argsort (measured, 30 M keys) and holds no
+    permutation or concatenated copies at the peak."""
+    if not c1:  # keys only: timsort merges the two runs of the concatenation in place (fastest)
+        merged = np.concatenate([k1, k2])
+        merged.sort(kind="stable")
+        return merged, {}
+    if len(k1) < len(k2):
+        k1, c1, k2, c2 = k2, c2, k1, c1
+    # Where each key of the smaller run lands in the merged run: its rank in k1 plus the
+    # keys of k2 before it (keys are unique across runs, so no ties).
+    at = np.searchsorted(k1, k2)
+    at += np.arange(len(k2), dtype=at.dtype)
+    from_k1 = np.ones(len(k1) + len(k2), dtype=bool)
+    from_k1[at] = False
+
+    def interleave(a1: np.ndarray, a2: np.ndarray) -> np.ndarray:
+        out = np.empty(len(from_k1), dtype=a1.dtype)
+        out[at] = a2
+        out[from_k1] = a1
+        return out
+
+    return interleave(k1, k2), {c: interleave(c1[c], c2[c]) for c in c1}
+
+
+def _spill(spill_dir: str, keys: np.ndarray,
+           cols: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray], list[mmap.mmap]]:
+    """The run's arrays written to files under spill_dir and mapped back read-only (keys,
+    columns, the mappings). Each file is unlinked once mapped, so nothing is left behind
+    however the process ends; the mapping keeps its data."""
+    os.makedirs(spill_dir, exist_ok=True)
+    maps: list[mmap.mmap] = []
+
+    def one(a: np.ndarray) -> np.ndarray:
+        if not a.nbytes:
+            return a
+        fd, path = tempfile.mkstemp(prefix="settle_arrow_run_", suffix=".bin", dir=spill_dir)
+        try:
+            with os.fdopen(fd, "wb", closefd=False) as f:
+                a.tofile(f)
+            m = mmap.mmap(fd, a.nbytes, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+            os.unlink(path)
+        maps.append(m)
+        mapped = np.frombuffer(m, dtype=a.dtype)
+        assert len(mapped) == len(a)
+        return mapped
+
+    return one(keys), {c: one(v) for c, v in cols.items()}, maps
 
 
 ACCEPTED_PAYLOAD = {
@@ -172,9 +278,13 @@ ODD_KEY_SCHEMA = {"market": pl.String, "trade_date": pl.Date, "trade_id": pl.Int
 @dataclasses.dataclass
 class EngineState:
     n_sec: int
-    seen: SortedRuns = dataclasses.field(default_factory=SortedRuns)
+    seen: SortedRuns = dataclasses.field(
+        default_factory=lambda: SortedRuns(frozen_rows_min=SEEN_FROZEN_ROWS, spill_dir=SPILL_DIR)
+    )
     odd_seen: pl.DataFrame = dataclasses.field(default_factory=lambda: pl.DataFrame(schema=ODD_KEY_SCHEMA))
-    accepted: SortedRuns = dataclasses.field(default_factory=lambda: SortedRuns(np.uint64, ACCEPTED_PAYLOAD))
+    accepted: SortedRuns = dataclasses.field(
+        default_factory=lambda: SortedRuns(np.uint64, ACCEPTED_PAYLOAD, ACCEPTED_FROZEN_ROWS, SPILL_DIR)
+    )
     cancelled: SortedRuns = dataclasses.field(default_factory=SortedRuns)
     holdings: SortedRuns = dataclasses.field(default_factory=lambda: SortedRuns(np.int64, {"quantity": np.int64}))
     reported: SortedRuns = dataclasses.field(default_factory=lambda: SortedRuns(np.int64))

@@ -30,3 +30,17 @@ def test_targets_table_names_each_measured_target(tmp_path):
     assert rss["met"] is None
     # Nothing at this scale reaches 2 M trades/s in Python on CI: the table must say so.
     assert rows[0]["met"] is False
+
+
+def test_peak_rss_of_a_child_is_its_own():
+    """The replays run in children of a parent that holds the generated market: a child's
+    peak must not include the parent's memory (getrusage's ru_maxrss does, across spawn)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    held = np.ones(800 * 2**20 // 8)  # 800 MB resident in this (the parent) process
+    code = "from settle_arrow.bench import peak_rss_mb; print(peak_rss_mb())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 0 < child < 400, f"child reports {child:.0f} MB while the parent holds {held.nbytes >> 20} MB"

@@ -41,3 +41,35 @@ def test_sample_tables_match_the_recorded_digests(new_target, window):
     db = new_target()
     replay([str(SAMPLE / "trades")], str(SAMPLE / "refdata"), db, window_rows=window or 1, batch=window is None)
     assert _digests(db) == GOLDEN
+
+
+def test_frozen_and_spilled_state_keeps_the_digests(new_target, tmp_path, monkeypatch):
+    """State runs frozen and spilled to disk after a few dozen keys (and rebuilt by a restart
+    halfway) give the same tables as state that lives in memory."""
+    from settle_arrow import state
+
+    monkeypatch.setattr(state, "SEEN_FROZEN_ROWS", 60)
+    monkeypatch.setattr(state, "ACCEPTED_FROZEN_ROWS", 25)
+    monkeypatch.setattr(state, "SPILL_DIR", str(tmp_path / "spill"))
+    db = new_target()
+    files = sorted(str(p) for p in (SAMPLE / "trades").glob("*.parquet"))
+    replay(files[:3], str(SAMPLE / "refdata"), db, window_rows=97)
+    replay(files, str(SAMPLE / "refdata"), db, window_rows=97)
+    assert _digests(db) == GOLDEN
+    assert list((tmp_path / "spill").iterdir()) == [], "spill files are unlinked once mapped"
+
+
+@pytest.mark.parametrize("window", [5_000, None], ids=["window-5000", "batch"])
+def test_windows_processed_in_pieces_keep_the_digests(new_target, monkeypatch, window):
+    """A window larger than PIECE_ROWS_MAX is processed piece by piece inside its one
+    transaction: same tables, and still one checkpoint per window."""
+    from settle_arrow import engine
+
+    monkeypatch.setattr(engine, "PIECE_ROWS_MAX", 333)
+    db = new_target()
+    report = replay([str(SAMPLE / "trades")], str(SAMPLE / "refdata"), db, window_rows=window or 1, batch=window is None)
+    assert _digests(db) == GOLDEN
+    with open_target(db) as t:
+        checkpoints = t.arrow("checkpoints").filter(pc.greater(t.arrow("checkpoints")["window_id"], 0))
+    assert checkpoints.num_rows == report.windows == (1 if window is None else -(-report.rows_read // window))
+    assert pc.sum(checkpoints["rows"]).as_py() == report.rows_read

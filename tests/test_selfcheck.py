@@ -192,6 +192,46 @@ def test_faulty_stage_fails_window_and_commits_nothing(market, reference, new_ta
     assert got["checkpoints"].select(cols).equals(reference["checkpoints"].select(cols))
 
 
+@dataclasses.dataclass(frozen=True)
+class LatePieceBrokenRegister:
+    """Registers a share out of thin air in the second piece of window FAIL_AT, after the
+    first piece's effects have already moved the in-memory state."""
+
+    pieces: list = dataclasses.field(default_factory=list)  # window ids of pieces seen
+    name: str = "late-piece broken registration"
+
+    def process(self, window, ctx):
+        self.pieces.append(window.window_id)
+        if self.pieces.count(FAIL_AT) != 2:
+            return Register().process(window, ctx)
+        return BrokenRegister().process(window, ctx)
+
+
+def test_fault_in_a_later_piece_commits_nothing_of_its_window(market, reference, new_target, monkeypatch):
+    from settle_arrow import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PIECE_ROWS_MAX", 200)  # windows of 500 rows: 3 pieces
+    db = new_target()
+    sources = discover([str(market / "trades")])
+    ref = load_refdata(str(market / "refdata"))
+    storage = open_storage(db)
+    try:
+        engine = Engine(storage, ref, stages=(Validate(), Clear(), LatePieceBrokenRegister()))
+        with pytest.raises(SelfCheckError, match=rf"window {FAIL_AT} not committed: holdings not conserved"):
+            engine.run(sources, WINDOW)
+        assert storage.max_window_id() == FAIL_AT - 1
+        assert storage.count("trades") + storage.count("quarantine") == (FAIL_AT - 1) * WINDOW
+        # The same engine goes on: its state, moved by the first piece, is rebuilt first.
+        engine.stages = STAGES
+        assert engine.run(sources, WINDOW).self_check == "OK"
+    finally:
+        storage.close()
+    got = snapshot(db)
+    assert_same_tables({n: got[n] for n in RESULT_TABLES}, {n: reference[n] for n in RESULT_TABLES})
+    cols = ["window_id", "source", "offset", "rows"]  # digests of windows in pieces combine theirs
+    assert got["checkpoints"].select(cols).equals(reference["checkpoints"].select(cols))
+
+
 def test_cli_exit_3_on_failed_self_check(market, reference, new_target):
     """The CLI turns a failed self-check into exit 3 and one `error:` line naming it."""
     db = new_target()
@@ -221,3 +261,34 @@ def test_cli_exit_3_on_failed_self_check(market, reference, new_target):
     assert res.returncode == 0, res.stderr
     got = snapshot(str(db))
     assert_same_tables({n: got[n] for n in RESULT_TABLES}, {n: reference[n] for n in RESULT_TABLES})
+
+
+def test_whole_table_checks_name_each_broken_invariant(market, new_target):
+    """storage.verify (sql/verify.sql) over a finished TARGET: each tampering breaks exactly
+    the invariant it should, and the check names it."""
+    db = new_target()
+    replay([str(market / "trades")], str(market / "refdata"), db, window_rows=WINDOW)
+    storage = open_storage(db)
+    first = "(SELECT MIN(window_id) FROM {})"
+    tamper = [
+        ("holdings_conserved",
+         "UPDATE holdings_snapshot SET quantity = quantity + 1 WHERE acct_id = (SELECT MIN(acct_id) FROM holdings_snapshot)"),
+        ("net_securities_sum_to_zero",
+         f"UPDATE obligations_securities_delta SET net_quantity = net_quantity + 1 "
+         f"WHERE window_id = {first.format('obligations_securities_delta')}"),
+        ("net_cash_equals_minus_fees",
+         f"UPDATE obligations_cash_delta SET net_amount = net_amount + 0.01 "
+         f"WHERE window_id = {first.format('obligations_cash_delta')}"),
+        # Both legs of a trade move together, so holdings stay conserved; the obligations do not.
+        ("trades_match_obligations",
+         f"UPDATE trade_facts SET quantity = quantity + 1 WHERE sign = 1 AND window_id = {first.format('trade_facts')}"),
+    ]
+    try:
+        assert storage.verify() == []
+        broken = []
+        for name, sql in tamper:
+            storage._execute(sql)
+            broken.append(name)
+            assert {p.split(":")[0] for p in storage.verify()} == set(broken)
+    finally:
+        storage.close()

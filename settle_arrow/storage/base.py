@@ -7,7 +7,8 @@ A backend implements five primitives (`_execute`, `_query`, `_append`, transacti
 `close`) and a type map; everything else (DDL from schema.py, the window commit, exports,
 compaction, verification) is written once here, so both backends behave identically.
 
-Invariants: `commit_window` writes a window's appends, its checkpoint row and source
+Invariants: `commit_window` writes a window's appends (with those of its earlier pieces,
+which `stage_window` put in the same open transaction), its checkpoint row and source
 offsets in one transaction, or nothing; readers see only committed windows.
 """
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 import abc
 import datetime
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import pyarrow as pa
@@ -81,6 +82,9 @@ def conform(table: pa.Table, target: pa.Schema) -> pa.Table:
 
 class Storage(abc.ABC):
     url: str
+    # The window whose pieces stage_window appended in the transaction still open (None:
+    # no transaction open across calls).
+    _open_window: int | None = None
 
     # --- backend primitives -------------------------------------------------------
     @abc.abstractmethod
@@ -91,6 +95,11 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def _append(self, table: str, data: pa.Table) -> None: ...
+
+    @abc.abstractmethod
+    def _query_batches(self, sql: str, rows: int) -> Iterator[pa.RecordBatch]:
+        """The result streamed in batches of about `rows` rows; no other statement may run
+        on this storage until the iterator is exhausted or closed."""
 
     @abc.abstractmethod
     def _begin(self) -> None: ...
@@ -156,6 +165,11 @@ class Storage(abc.ABC):
     def query(self, sql: str, params: tuple = ()) -> pa.Table:
         return self._query(sql, params)
 
+    def query_batches(self, sql: str, rows: int) -> Iterator[pa.RecordBatch]:
+        """A result too large to hold at once (recovery's scan of every trade), in batches."""
+        assert rows > 0
+        return self._query_batches(sql, rows)
+
     def table(self, name: str) -> pa.Table:
         """Logical table `name` (SPEC §6) in its output schema, sorted by its key."""
         if name not in schema.OUTPUT:
@@ -178,6 +192,32 @@ class Storage(abc.ABC):
         return {s: (z, r) for s, z, r in zip(*(t[c].to_pylist() for c in ("source", "size_bytes", "rows_done")), strict=True)}
 
     # --- writes -------------------------------------------------------------------
+    def stage_window(self, window_id: int, appends: Mapping[str, pa.Table]) -> None:
+        """Appends of one piece of a window too large to hold at once, inside the transaction
+        that commit_window of the same window ends: no reader ever sees part of a window."""
+        if self._open_window is None:
+            self._begin()
+            self._open_window = window_id
+        assert self._open_window == window_id, "pieces of one window at a time"
+        try:
+            self._window_appends(window_id, appends)
+        except BaseException:
+            self.abort_window()
+            raise
+
+    def abort_window(self) -> None:
+        """Roll back the pieces staged for a window that will not commit (none: no-op)."""
+        if self._open_window is not None:
+            self._open_window = None
+            self._rollback()
+
+    def _window_appends(self, window_id: int, appends: Mapping[str, pa.Table]) -> None:
+        for name, data in appends.items():
+            assert name in schema.WINDOW_APPENDS, name
+            if data.num_rows:
+                data = data.append_column("window_id", pa.array([window_id] * data.num_rows, pa.int64()))
+                self._append(name, conform(data, schema.STORAGE[name]))
+
     def commit_window(
         self,
         window_id: int,
@@ -188,14 +228,14 @@ class Storage(abc.ABC):
         extra: Mapping[str, pa.Table] | None = None,
         statements: tuple[str, ...] = (),
     ) -> None:
-        """One transaction: appends (+window_id), checkpoint row, source offsets, meta."""
-        self._begin()
+        """One transaction (with the window's staged pieces, if any): appends (+window_id),
+        checkpoint row, source offsets, meta."""
+        if self._open_window is None:
+            self._begin()
+        assert self._open_window in (None, window_id), "a window's pieces commit with that window"
+        self._open_window = None
         try:
-            for name, data in appends.items():
-                assert name in schema.WINDOW_APPENDS, name
-                if data.num_rows:
-                    data = data.append_column("window_id", pa.array([window_id] * data.num_rows, pa.int64()))
-                    self._append(name, conform(data, schema.STORAGE[name]))
+            self._window_appends(window_id, appends)
             for name, data in (extra or {}).items():
                 if data.num_rows:
                     self._append(name, conform(data, schema.STORAGE[name]))

@@ -12,6 +12,7 @@ only. With no writer anywhere, any number of processes read the file read-only.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
@@ -22,7 +23,7 @@ from settle_arrow.storage.base import Storage, TargetError
 CHECKPOINT_THRESHOLD = "128MB"
 # DuckDB's buffer pool defaults to 80% of RAM and keeps what a long replay touched cached:
 # a bound keeps a replay's memory state-bound (larger operations spill to disk).
-MEMORY_LIMIT = "2GB"
+MEMORY_LIMIT = "1GB"
 # Resolved path -> writer connections open in this process (readers here share their instance).
 _WRITERS: dict[str, int] = {}
 
@@ -72,6 +73,13 @@ class DuckDBStorage(Storage):
 
     def _query(self, sql: str, params: tuple = ()) -> pa.Table:
         return self.con.sql(sql, params=list(params) or None).to_arrow_table()
+
+    def _query_batches(self, sql: str, rows: int) -> Iterator[pa.RecordBatch]:
+        reader = self.con.sql(sql).to_arrow_reader(rows)
+        try:
+            yield from reader
+        finally:
+            reader.close()
 
     def _append(self, table: str, data: pa.Table) -> None:
         self.con.register("__settle_append", data)

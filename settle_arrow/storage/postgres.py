@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Iterator
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import adbc_driver_manager
@@ -156,6 +157,16 @@ class PostgresStorage(Storage):
     def _query(self, sql: str, params: tuple = ()) -> pa.Table:
         self._run(self.cur.execute, pg_placeholders(sql), tuple(params) or None)
         return _normalise(self._run(self.cur.fetch_arrow_table))
+
+    def _query_batches(self, sql: str, rows: int) -> Iterator[pa.RecordBatch]:
+        # The driver streams the result (COPY) in batches of its own size; `rows` is a hint.
+        self._run(self.cur.execute, pg_placeholders(sql))
+        reader = self._run(self.cur.fetch_record_batch)
+        try:
+            for batch in reader:
+                yield from _normalise(pa.Table.from_batches([batch])).to_batches()
+        finally:
+            reader.close()
 
     def _append(self, table: str, data: pa.Table) -> None:
         self._run(self.cur.adbc_ingest, table, data, mode="append")

@@ -1,0 +1,57 @@
+"""SortedRuns (state.py) against a dict: any sequence of inserts and updates, with runs
+frozen and spilled at any size, finds, gathers and adds exactly as the dict does; packed
+trade keys are day-major and distinct."""
+
+from __future__ import annotations
+
+import datetime
+
+import numpy as np
+import polars as pl
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from settle_arrow.state import SortedRuns, pack_keys
+
+batches = st.lists(st.lists(st.integers(0, 400), max_size=60), max_size=25)
+
+
+@settings(max_examples=150, deadline=None)
+@given(batches=batches, frozen=st.one_of(st.none(), st.integers(1, 50)), spill=st.booleans(),
+       probe=st.lists(st.integers(-5, 405), max_size=80))
+def test_sorted_runs_behave_as_a_dict(tmp_path_factory, batches, frozen, spill, probe):
+    spill_dir = str(tmp_path_factory.mktemp("spill")) if spill and frozen else None
+    runs = SortedRuns(np.int64, {"v": np.int64}, frozen_rows_min=frozen, spill_dir=spill_dir)
+    oracle: dict[int, int] = {}
+    for i, batch in enumerate(batches):
+        # Probes between inserts: spilled runs are released and touched again in turn.
+        some = np.array(batch[: len(batch) // 2] + [i * 17], dtype=np.int64)
+        r, p = runs.find(some)
+        assert list(runs.gather("v", r, p, fill=-1)) == [oracle.get(int(k), -1) for k in some]
+        keys = np.array(sorted(set(batch) - set(oracle)), dtype=np.int64)[::-1 if i % 2 else 1]
+        runs.insert(keys, {"v": keys * 3 + i})
+        oracle.update({int(k): int(k) * 3 + i for k in keys})
+        if spill_dir is None and oracle and i % 3 == 0:  # updates in place (holdings)
+            upd = np.array(sorted(oracle)[:: 2], dtype=np.int64)
+            run_of, pos_of = runs.find(upd)
+            runs.add_at("v", run_of, pos_of, np.ones(len(upd), dtype=np.int64))
+            for k in upd:
+                oracle[int(k)] += 1
+    assert len(runs) == len(oracle)
+    assert all(len(k) >= frozen for k, _ in runs.runs[: runs.n_frozen]) if frozen else runs.n_frozen == 0
+    p = np.array(probe, dtype=np.int64)
+    run_of, pos_of = runs.find(p)
+    assert list(run_of >= 0) == [k in oracle for k in probe]
+    assert list(runs.gather("v", run_of, pos_of, fill=-1)) == [oracle.get(k, -1) for k in probe]
+    if spill_dir:
+        assert all(k.base is not None and not k.flags.writeable for k, _ in runs.runs[: runs.n_frozen] if len(k))
+
+
+def test_trade_keys_are_day_major_and_distinct():
+    days = [datetime.date(2024, 1, 2), datetime.date(2024, 1, 3)]
+    rows = [(code, d, tid) for d in days for code in (1, 0) for tid in (1, 2**46 - 1)]
+    keys, ok = pack_keys(np.array([r[0] for r in rows]), pl.Series([r[1] for r in rows]),
+                         pl.Series([r[2] for r in rows], dtype=pl.Int64))
+    assert ok.all() and len(set(keys.tolist())) == len(rows)
+    # Every key of the earlier day sorts below every key of the later one, whatever the market.
+    assert keys[:4].max() < keys[4:].min()
