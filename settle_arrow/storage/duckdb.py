@@ -82,11 +82,10 @@ class DuckDBStorage(Storage):
             reader.close()
 
     def _append(self, table: str, data: pa.Table) -> None:
-        self.con.register("__settle_append", data)
-        try:
-            self.con.execute(f"INSERT INTO {table} SELECT * FROM __settle_append")
-        finally:
-            self.con.unregister("__settle_append")
+        # Not register + INSERT + unregister: the dropped view keeps its Arrow table alive
+        # until COMMIT, so a window appended in pieces held every piece in memory (measured:
+        # +120 MB per 500 k rows of 31 columns, 7.7 GB for a 20 M-trade --batch).
+        self.con.from_arrow(data).insert_into(table)
 
     def _begin(self) -> None:
         self.con.execute("BEGIN TRANSACTION")
