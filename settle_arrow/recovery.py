@@ -11,6 +11,8 @@ committed window, so a restart after SIGKILL continues exactly where the databas
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -40,13 +42,14 @@ def _frame(t: pa.Table) -> pl.DataFrame:
     return out
 
 
-def _to_ref(inverse: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """database ids -> reference row indices (-1 for keys the reference data no longer has)."""
-    inside = ids < len(inverse)
-    if len(inverse) and inverse[-1] == len(inverse) - 1 and (inverse == np.arange(len(inverse))).all():
+def _to_ref(inverse: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """database ids -> reference row indices (-1 for keys the reference data no longer has),
+    as a function: recovery maps batch after batch, and checks the mapping's shape once."""
+    n = len(inverse)
+    if n and inverse[-1] == n - 1 and (inverse == np.arange(n)).all():
         # Ids in reference order (the usual case): the id is the index, no gather of millions.
-        return np.where(inside, ids, -1)
-    return np.where(inside, inverse[np.where(inside, ids, 0)], -1)
+        return lambda ids: np.where(ids < n, ids, -1)
+    return lambda ids: np.where(ids < n, inverse[np.where(ids < n, ids, 0)], -1)
 
 
 def _require_known(storage: Storage, unknown: pl.DataFrame) -> None:
@@ -65,7 +68,7 @@ def _require_known(storage: Storage, unknown: pl.DataFrame) -> None:
 
 def recover(storage: Storage, ref: RefData, dims: DimIds) -> EngineState:
     state = EngineState(n_sec=max(1, ref.securities.height))
-    account_of, unit_of, sec_of = DimIds.inverse(dims.account), DimIds.inverse(dims.unit), DimIds.inverse(dims.security)
+    account_of, unit_of, sec_of = (_to_ref(DimIds.inverse(d)) for d in (dims.account, dims.unit, dims.security))
     markets = _frame(storage.query("SELECT id, market FROM dim_security ORDER BY id"))
     code_of = np.full(int(markets["id"].max()) + 1 if markets.height else 0, -1, dtype=np.int64)
     code_of[markets["id"].to_numpy()] = market_codes(markets["market"])
@@ -81,11 +84,11 @@ def recover(storage: Storage, ref: RefData, dims: DimIds) -> EngineState:
         assert ok.all(), "accepted trades always have packable keys"
         n = (facts["sign"] == 1).to_numpy()
         acc = {
-            "sec_idx": _to_ref(sec_of, facts["sec_id"].to_numpy()),
+            "sec_idx": sec_of(facts["sec_id"].to_numpy()),
             "price_milli": (facts["price"] * 1000).cast(pl.Int64).to_numpy(),
             "quantity": facts["quantity"].to_numpy(),
-            **{f"{side}_acct_idx": _to_ref(account_of, facts[f"{side}_account_id"].to_numpy()) for side in ("buy", "sell")},
-            **{f"{side}_unit_idx": _to_ref(unit_of, facts[f"{side}_unit_id"].to_numpy()) for side in ("buy", "sell")},
+            **{f"{side}_acct_idx": account_of(facts[f"{side}_account_id"].to_numpy()) for side in ("buy", "sell")},
+            **{f"{side}_unit_idx": unit_of(facts[f"{side}_unit_id"].to_numpy()) for side in ("buy", "sell")},
         }
         state.accepted.insert(keys[n], {k: v[n] for k, v in acc.items()})
         refs, _ = pack_keys(code, facts["trade_date"], facts["ref_trade_id"])
@@ -113,8 +116,8 @@ def recover(storage: Storage, ref: RefData, dims: DimIds) -> EngineState:
         # Key order (the snapshot is stored so; the legs are sorted by the database): with
         # dimension ids equal to reference order, both arrive as sorted runs.
         h = _frame(storage.query(f"SELECT acct_id, sec_id, quantity FROM {part} ORDER BY acct_id, sec_id"))
-        acct = _to_ref(account_of, h["acct_id"].to_numpy())
-        sec = _to_ref(sec_of, h["sec_id"].to_numpy())
+        acct = account_of(h["acct_id"].to_numpy())
+        sec = sec_of(h["sec_id"].to_numpy())
         _require_known(storage, h.filter(pl.Series((acct < 0) | (sec < 0)) & (h["quantity"] != 0)))
         keys_h, qty = state.holding_keys(acct, sec), h["quantity"].to_numpy()
         if i == 0:
