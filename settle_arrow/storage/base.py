@@ -20,6 +20,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from settle_arrow import schema
@@ -215,7 +216,8 @@ class Storage(abc.ABC):
         for name, data in appends.items():
             assert name in schema.WINDOW_APPENDS, name
             if data.num_rows:
-                data = data.append_column("window_id", pa.array([window_id] * data.num_rows, pa.int64()))
+                # numpy fill, not a Python list of num_rows ints (pieces hold 500 k rows)
+                data = data.append_column("window_id", pa.array(np.full(data.num_rows, window_id, dtype=np.int64)))
                 self._append(name, conform(data, schema.STORAGE[name]))
 
     def commit_window(
