@@ -50,10 +50,14 @@ WINDOW_ROWS_MAX = 50_000_000
 # 2.9 GB; 100 k-row windows 206 k trades/s; the whole 5 M-trade batch at once took 6.4 GB).
 PIECE_ROWS_MAX = 500_000
 # A delta table is folded when it has grown by this factor over its last folded size; the
-# holdings snapshot is rewritten when the trade legs since it outnumber its rows likewise.
-# Both keep the cost amortised O(1) per row and the views' read cost O(state).
+# holdings snapshot is rewritten when the trade legs since it outnumber its rows by
+# SNAPSHOT_GROWTH. Both keep the cost amortised O(1) per row and the views' read cost O(state).
 COMPACT_GROWTH = 2
 COMPACT_ROWS_MIN = 2_000_000
+# Recovery groups and applies every leg since the snapshot, so this factor bounds restart
+# time. Measured, 20 M trades killed halfway: 1 → restart 6.8 s (was 10.1 s with 2), same
+# throughput, 100 k-window p99 1.6 s (was 1.0 s: twice the snapshot rewrites on the lane).
+SNAPSHOT_GROWTH = 1
 STAGES: tuple[Stage, ...] = (Validate(), Clear(), Register())
 
 
@@ -363,7 +367,7 @@ class Engine:
                 return
             due = [name for name in schema.DELTAS
                    if self._delta_rows[name] > max(COMPACT_ROWS_MIN, COMPACT_GROWTH * self._folded_rows[name])]
-            snapshot = self._legs_since_snapshot > max(COMPACT_ROWS_MIN, COMPACT_GROWTH * holdings_rows)
+            snapshot = self._legs_since_snapshot > max(COMPACT_ROWS_MIN, SNAPSHOT_GROWTH * holdings_rows)
             storage.commit_window(window.window_id, appends, checkpoint, raw.progress)
             for name in due:
                 self._folded_rows[name] = self._delta_rows[name] = storage.compact(name)
