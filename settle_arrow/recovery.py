@@ -49,7 +49,12 @@ def _to_ref(inverse: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     if n and inverse[-1] == n - 1 and (inverse == np.arange(n)).all():
         # Ids in reference order (the usual case): the id is the index, no gather of millions.
         return lambda ids: np.where(ids < n, ids, -1)
-    return lambda ids: np.where(ids < n, inverse[np.where(ids < n, ids, 0)], -1)
+
+    def gather(ids: np.ndarray) -> np.ndarray:
+        inside = ids < n
+        return np.where(inside, inverse[np.where(inside, ids, 0)], -1)
+
+    return gather
 
 
 def _require_known(storage: Storage, unknown: pl.DataFrame) -> None:
