@@ -654,3 +654,22 @@ def test_directory_and_glob_in_name_order(tmp_path, ref, new_target):
     # Arguments keep the order given: b first makes a the duplicate.
     _, by_args = run(ref, [d / "b.csv", d / "a.csv"], new_target("args"))
     assert by_args["trades"]["price"].to_list() == [D("11.000")]
+
+
+def test_settlement_past_the_calendar_is_a_user_error_only_for_accepted_trades(tmp_path, ref, new_target):
+    """A trade whose settlement date falls past its market's calendar stops the run with a
+    one-line error before its window commits; a row quarantined anyway (here an X naming no
+    trade) on that day is not an error, whichever thread computed its settlement dates."""
+    last = max(pq.read_table(Path(ref) / "calendar.parquet").column("business_date").to_pylist())
+    x_only = write_csv(tmp_path / "x.csv", [text(1), text(2, trade_date=last.isoformat(), record_type="X", ref_trade_id="99")])
+    for i, kw in enumerate(WINDOWINGS):
+        _, tables = run(ref, [x_only], new_target(f"x{i}"), **kw)
+        assert reasons(tables) == ["OK", "UNKNOWN_REF"], kw
+    late = write_csv(tmp_path / "late.csv", [text(1), text(2, trade_date=last.isoformat())])
+    db = new_target("late")
+    with pytest.raises(UserError) as e:
+        replay([str(late)], ref, db, window_rows=1)
+    assert one_line_user_error(e) == f"calendar of XSHG ends before the cash cycle of trade date {last}: extend it"
+    with open_target(db) as t:  # the window before it committed, its own did not
+        assert t.table("trades")["trade_id"].to_list() == [1]
+        assert sum(s["rows_done"] for s in t.status().sources) == 1

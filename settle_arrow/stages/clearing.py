@@ -1,7 +1,10 @@
 """Clearing (SPEC §4): amounts, fees, participants and settlement dates per trade, then netting.
 
 Data model:
-  in   frames["accepted"]
+  prepare  frames["validation_prepared"] rows that passed the stateless checks ->
+           frames["clearing_prepared"]: seq -> the per-trade columns (_PER_TRADE), unsigned;
+           settlement dates null past a calendar's end
+  in   frames["accepted"] (+ frames["clearing_prepared"] when prepare ran)
   out  frames["cleared"]: accepted + security info, participants, int fen amount and fees
        (signed: an X row carries the negation of its trade), settlement dates
        frames["obligations_securities_delta"], frames["obligations_cash_delta"]: this
@@ -15,7 +18,6 @@ security) and Σ net_amount = −Σ fees per (market, trade_date) (checked in ch
 from __future__ import annotations
 
 import dataclasses
-import datetime
 
 import numpy as np
 import polars as pl
@@ -68,28 +70,36 @@ def _fees(ref: RefData, t: pl.DataFrame, amount: np.ndarray) -> dict[str, np.nda
 
 
 def _settle_dates(ref: RefData, t: pl.DataFrame) -> pl.DataFrame:
+    """t + securities/cash settlement dates; null where the market's calendar ends first
+    (raised as CalendarError only for a trade that is accepted: see Clear.process)."""
     combos = t.select("market", "trade_date", "securities_cycle", "cash_cycle").unique()
     days = combos["trade_date"].cast(pl.Int32).to_numpy()
-    ssd = np.zeros(combos.height, dtype=np.int32)
-    csd = np.zeros(combos.height, dtype=np.int32)
+    cycle_of = {"securities_settle_date": "securities_cycle", "cash_settle_date": "cash_cycle"}
+    dates = {name: np.full(combos.height, -1, np.int32) for name in cycle_of}
     markets = combos["market"].to_numpy()
     for m in np.unique(markets):
         cal = ref.business_days(m)
         sel = markets == m
         base = np.searchsorted(cal, days[sel])
-        for out, cycle in ((ssd, "securities_cycle"), (csd, "cash_cycle")):
-            idx = base + combos[cycle].to_numpy()[sel]
-            if (idx >= len(cal)).any():
-                day = int(days[sel][np.argmax(idx >= len(cal))])
-                raise CalendarError(
-                    f"calendar of {m} ends before the {cycle.replace('_', ' ')} of trade date "
-                    f"{datetime.date(1970, 1, 1) + datetime.timedelta(days=day)}: extend it"
-                )
-            out[sel] = cal[idx]
-    combos = combos.with_columns(
-        pl.Series("securities_settle_date", ssd).cast(pl.Date), pl.Series("cash_settle_date", csd).cast(pl.Date)
+        for name, out in dates.items():
+            idx = base + combos[cycle_of[name]].to_numpy()[sel]
+            inside = idx < len(cal)
+            out[np.flatnonzero(sel)[inside]] = cal[idx[inside]]
+    combos = combos.with_columns(pl.Series(name, out) for name, out in dates.items()).with_columns(
+        pl.when(pl.col(name) >= 0).then(pl.col(name).cast(pl.Date)).alias(name) for name in dates
     )
     return t.join(combos, on=["market", "trade_date", "securities_cycle", "cash_cycle"], how="left", maintain_order="left")
+
+
+def _require_settle_dates(t: pl.DataFrame) -> None:
+    """CalendarError for the first trade whose settlement date is past its calendar's end."""
+    past = t.filter(pl.col("securities_settle_date").is_null() | pl.col("cash_settle_date").is_null())
+    if past.height:
+        row = past.row(0, named=True)
+        cycle = "securities cycle" if row["securities_settle_date"] is None else "cash cycle"
+        raise CalendarError(
+            f"calendar of {row['market']} ends before the {cycle} of trade date {row['trade_date']}: extend it"
+        )
 
 
 def _obligations(c: pl.DataFrame, ref: RefData) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -146,34 +156,62 @@ def _obligations(c: pl.DataFrame, ref: RefData) -> tuple[pl.DataFrame, pl.DataFr
     return sec, cash
 
 
+# What clearing computes per trade from the row and reference data alone; the money ones
+# unsigned (process signs them: an X row carries the negation of its trade).
+_SIGNED = ("amount_fen", *[f"{side}_{f}" for side in ("buy", "sell") for f in FEE_COLS])
+_PER_TRADE = ("security_type", "currency", "securities_cycle", "cash_cycle", *_SIGNED, "buy_part_idx", "sell_part_idx", "buy_participant", "sell_participant",
+              "securities_settle_date", "cash_settle_date")
+
+
+_INPUTS = ("seq", "sec_idx", "price_milli", "quantity", "buy_unit_idx", "sell_unit_idx", "market", "trade_date")
+
+
+def _per_trade(ref: RefData, t: pl.DataFrame) -> pl.DataFrame:
+    """_PER_TRADE, plus seq, for rows (columns _INPUTS) that passed every stateless check."""
+    info = ref.securities.select("security_type", "currency", "securities_cycle", "cash_cycle")
+    t = pl.concat([t, info[t["sec_idx"].to_numpy()] if t.height else info.clear()], how="horizontal")
+    amount = money.amount_fen(t["price_milli"].to_numpy(), t["quantity"].to_numpy()) if t.height else np.zeros(0, np.int64)
+    fees = _fees(ref, t, amount) if t.height else {c: np.zeros(0, np.int64) for c in _SIGNED[1:]}
+    parts = ref.participants["participant_id"]
+    buy_part = ref.unit_participant[t["buy_unit_idx"].to_numpy()]
+    sell_part = ref.unit_participant[t["sell_unit_idx"].to_numpy()]
+    t = t.with_columns(
+        pl.Series("amount_fen", amount, dtype=pl.Int64),
+        *[pl.Series(k, v, dtype=pl.Int64) for k, v in fees.items()],
+        pl.Series("buy_part_idx", buy_part), pl.Series("sell_part_idx", sell_part),
+        parts.gather(buy_part).alias("buy_participant"),
+        parts.gather(sell_part).alias("sell_participant"),
+    )
+    return _settle_dates(ref, t).select("seq", *_PER_TRADE)
+
+
 @dataclasses.dataclass(frozen=True)
 class Clear:
     name: str = "clearing"
 
+    def prepare(self, window: Window, ref: RefData) -> Window:
+        """Amounts, fees, participants and settlement dates of every row that passed the
+        stateless checks (a superset of the rows `process` will find accepted): they depend
+        on the row alone, so they run one window ahead in the reader thread."""
+        if "validation_prepared" not in window.frames:
+            return window
+        t = window.frames["validation_prepared"].filter(pl.col("reason0").is_null())
+        return window.add(clearing_prepared=_per_trade(ref, t.select(_INPUTS)))
+
     def process(self, window: Window, ctx: StageContext) -> Window:
         ref = ctx.refdata
         a = window.frames["accepted"]
-        info = ref.securities.select("security_type", "currency", "securities_cycle", "cash_cycle")
-        t = pl.concat([a, info[a["sec_idx"].to_numpy()] if a.height else info.clear()], how="horizontal")
-        amount = money.amount_fen(t["price_milli"].to_numpy(), t["quantity"].to_numpy()) if t.height else np.zeros(0, np.int64)
-        fees = _fees(ref, t, amount) if t.height else {}
-        sign = t["sign"].cast(pl.Int64).to_numpy()
-        parts = ref.participants["participant_id"]
-        buy_part = ref.unit_participant[t["buy_unit_idx"].to_numpy()]
-        sell_part = ref.unit_participant[t["sell_unit_idx"].to_numpy()]
-        t = t.with_columns(
-            pl.Series("amount_fen", amount * sign),
-            *[pl.Series(k, v * sign) for k, v in fees.items()],
-            pl.Series("buy_part_idx", buy_part), pl.Series("sell_part_idx", sell_part),
-            parts.gather(buy_part).alias("buy_participant"),
-            parts.gather(sell_part).alias("sell_participant"),
-        )
-        if not t.height:
-            t = t.with_columns(
-                pl.lit(0, dtype=pl.Int64).alias("amount_fen"),
-                *[pl.lit(0, dtype=pl.Int64).alias(f"{s}_{f}") for s in ("buy", "sell") for f in FEE_COLS],
-            )
-        t = _settle_dates(ref, t)
+        if "clearing_prepared" in window.frames:  # prepare is an optimisation, never required
+            p = window.frames["clearing_prepared"]
+            row_of_seq = np.full(window.frames["input"].height, -1, dtype=np.int64)
+            row_of_seq[p["seq"].to_numpy()] = np.arange(p.height)
+            rows = row_of_seq[a["seq"].to_numpy()]
+            assert (rows >= 0).all(), "an accepted row was not prepared"
+            per_trade = p.drop("seq")[rows]
+        else:
+            per_trade = _per_trade(ref, a.select(_INPUTS)).drop("seq")
+        _require_settle_dates(pl.concat([a.select("market", "trade_date"), per_trade], how="horizontal"))
+        t = pl.concat([a, per_trade], how="horizontal").with_columns(pl.col(_SIGNED) * pl.col("sign").cast(pl.Int64))
         sec, cash = _obligations(t, ref)
         cash = cash.with_columns(money.to_money(pl.col(c)) for c in cash.columns if cash.schema[c] == pl.Int64)
         return window.add(cleared=t, obligations_securities_delta=sec, obligations_cash_delta=cash)
