@@ -81,6 +81,11 @@ def pack_keys(code: np.ndarray, trade_date: pl.Series, trade_id: pl.Series) -> t
     return keys, ok
 
 
+def holding_keys(acct_idx: np.ndarray, sec_idx: np.ndarray, n_sec: int) -> np.ndarray:
+    """Key of EngineState.holdings: account-major, so one account's holdings are adjacent."""
+    return acct_idx.astype(np.int64) * n_sec + sec_idx.astype(np.int64)
+
+
 def unique_sorted(keys: np.ndarray) -> np.ndarray:
     """Sorted distinct keys (np.unique hashes first: ~10x slower on millions of uint64)."""
     keys = np.sort(keys)
@@ -290,7 +295,7 @@ class EngineState:
     reported: SortedRuns = dataclasses.field(default_factory=lambda: SortedRuns(np.int64))
 
     def holding_keys(self, acct_idx: np.ndarray, sec_idx: np.ndarray) -> np.ndarray:
-        return acct_idx.astype(np.int64) * self.n_sec + sec_idx.astype(np.int64)
+        return holding_keys(acct_idx, sec_idx, self.n_sec)
 
     def positions(self, keys: np.ndarray) -> tuple[np.ndarray, tuple[int, np.ndarray, np.ndarray]]:
         """Quantities held at `keys` (0 where none), and where they were found, which

@@ -1,6 +1,9 @@
 """Registration (SPEC §5): holdings move with every accepted trade; negative positions flagged.
 
 Data model:
+  prepare  frames["validation_prepared"] rows that passed the stateless checks ->
+           frames["registration_prepared"]: their legs (seq, side 0 buy / 1 sell, holding
+           key), sorted by key, stably
   in   frames["cleared"] (sign, quantity, acct ids, sec_idx, trade_date, participants)
   out  frames["holdings_delta"]: (acct_idx, sec_idx) -> Σ signed quantity of this window
        (for self-checks; storage derives holdings from the trades themselves)
@@ -21,32 +24,60 @@ import numpy as np
 import polars as pl
 
 from settle_arrow import schema
+from settle_arrow.refdata import RefData
 from settle_arrow.stages.base import StageContext, Window
-from settle_arrow.state import DAY0, DAY_BITS
+from settle_arrow.state import DAY0, DAY_BITS, holding_keys
 
 _EPOCH = datetime.date(1970, 1, 1)
+
+
+def _leg_keys(n_sec: int, t: pl.DataFrame) -> np.ndarray:
+    """Holding key of each leg, interleaved (row 0 buy, row 0 sell, row 1 buy, ...)."""
+    acct = np.empty(2 * t.height, dtype=np.int64)
+    acct[0::2], acct[1::2] = t["buy_acct_idx"].to_numpy(), t["sell_acct_idx"].to_numpy()
+    return holding_keys(acct, np.repeat(t["sec_idx"].to_numpy(), 2), n_sec)
 
 
 @dataclasses.dataclass(frozen=True)
 class Register:
     name: str = "registration"
 
+    def prepare(self, window: Window, ref: RefData) -> Window:
+        """The legs of every row that passed the stateless checks (a superset of the rows
+        `process` will find accepted), sorted by holding key, stably: the sort depends on
+        the rows alone, so it runs one window ahead in the reader thread."""
+        if "validation_prepared" not in window.frames:
+            return window
+        t = window.frames["validation_prepared"].filter(pl.col("reason0").is_null())
+        keys = _leg_keys(max(1, ref.securities.height), t)  # as EngineState.n_sec (recovery.py)
+        order = np.argsort(keys, kind="stable")  # stable: input order kept within a key
+        return window.add(registration_prepared=pl.DataFrame(
+            {"seq": t["seq"].to_numpy()[order // 2], "side": (order % 2).astype(np.int8), "key": keys[order]}
+        ))
+
     def process(self, window: Window, ctx: StageContext) -> Window:
         state = ctx.state
         c = window.frames["cleared"]
         n = c.height
         qty = c["quantity"].to_numpy() * c["sign"].cast(pl.Int64).to_numpy()
-        sec_idx = c["sec_idx"].to_numpy()
         # Legs interleaved as (trade 0 buy, trade 0 sell, trade 1 buy, ...): input order.
-        acct = np.empty(2 * n, dtype=np.int64)
-        acct[0::2], acct[1::2] = c["buy_acct_idx"].to_numpy(), c["sell_acct_idx"].to_numpy()
         delta = np.empty(2 * n, dtype=np.int64)
         delta[0::2], delta[1::2] = qty, -qty
-        secs = np.repeat(sec_idx, 2)
-        keys = state.holding_keys(acct, secs)
-
-        order = np.argsort(keys, kind="stable")  # stable: input order kept within a key
-        k_sorted, d_sorted = keys[order], delta[order]
+        if "registration_prepared" in window.frames:  # prepare is an optimisation, never required
+            p = window.frames["registration_prepared"]
+            assert state.n_sec == max(1, ctx.refdata.securities.height), "prepared keys use another key base"
+            rank = np.full(window.frames["input"].height, -1, dtype=np.int64)
+            rank[c["seq"].to_numpy()] = np.arange(n)
+            leg_rank = rank[p["seq"].to_numpy()]
+            kept = leg_rank >= 0
+            order = 2 * leg_rank[kept] + p["side"].to_numpy()[kept]
+            k_sorted = p["key"].to_numpy()[kept]
+            assert len(order) == 2 * n, "an accepted row was not prepared"
+        else:
+            keys = _leg_keys(state.n_sec, c)
+            order = np.argsort(keys, kind="stable")
+            k_sorted = keys[order]
+        d_sorted = delta[order]
         starts = np.flatnonzero(np.r_[True, k_sorted[1:] != k_sorted[:-1]]) if len(k_sorted) else np.empty(0, np.int64)
         uniq = k_sorted[starts]
         sums = np.add.reduceat(d_sorted, starts) if len(starts) else np.empty(0, np.int64)
