@@ -241,3 +241,40 @@ def test_pg_placeholders():
     assert pg_placeholders("SELECT ? , ?") == "SELECT $1 , $2"
     assert pg_placeholders("SELECT '?', \"a?\" FROM t WHERE x = ? AND y = 'it''s?'") == (
         "SELECT '?', \"a?\" FROM t WHERE x = $1 AND y = 'it''s?'")
+
+
+def test_duckdb_window_fills_its_own_row_groups(tmp_path):
+    """A DuckDB TARGET is written in row groups of ROW_GROUP_SIZE rows, half DuckDB's default,
+    so a 100,000-row window's trade rows fill a row group and DuckDB writes them during the
+    append ("optimistic write") instead of encoding them again at COMMIT. The file stays an
+    ordinary DuckDB file: another process (here, a plain read-only connect) reads it."""
+    import duckdb
+
+    from settle_arrow.engine import WINDOW_ROWS_DEFAULT
+    from settle_arrow.storage.duckdb import ROW_GROUP_SIZE
+
+    assert ROW_GROUP_SIZE <= WINDOW_ROWS_DEFAULT, "a default window must fill a row group"
+    rows = ROW_GROUP_SIZE + 4_000
+    facts = schema.STORAGE["trade_facts"]
+    def zero(t: pa.DataType):
+        if pa.types.is_decimal(t):
+            return Decimal(0)
+        return dt.date(2025, 1, 2) if pa.types.is_date(t) else dt.time(10) if pa.types.is_time(t) else 0
+
+    zeros = {f.name: pa.array([zero(f.type)] * rows, type=f.type) for f in facts if f.name != "window_id"}
+    db = str(tmp_path / "rg.duckdb")
+    storage = open_storage(db)
+    try:
+        storage.ensure_schema()
+        storage.commit_window(1, {"trade_facts": pa.table(zeros)},
+                              {"source": "s", "offset": rows, "rows": rows, "digest": "x"}, ())
+    finally:
+        storage.close()
+    con = duckdb.connect(db, read_only=True)
+    try:
+        per_group = con.sql("SELECT row_group_id, max(count) FROM pragma_storage_info('trade_facts') "
+                            "GROUP BY row_group_id ORDER BY row_group_id").fetchall()
+        assert con.sql("SELECT count(*) FROM trade_facts").fetchall() == [(rows,)]
+    finally:
+        con.close()
+    assert [n for _, n in per_group] == [ROW_GROUP_SIZE, rows - ROW_GROUP_SIZE]
