@@ -10,10 +10,12 @@ exact mirror of its trade); every product is proven to fit in int64 by the bound
 
 from __future__ import annotations
 
+import sys
 from decimal import Decimal
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from settle_arrow.errors import UserError
 
@@ -43,6 +45,22 @@ def fee_fen(amount: np.ndarray, rate_units: np.ndarray) -> np.ndarray:
 def to_money(expr: pl.Expr) -> pl.Expr:
     """int fen -> decimal128(18,2), exactly."""
     return (expr.cast(pl.Decimal(38, 2)) * _CENT).cast(pl.Decimal(18, 2))
+
+
+def money_series(name: str, fen: np.ndarray) -> pl.Series:
+    """int64 fen -> decimal(18,2) Series with no arithmetic: a decimal's unscaled value is the
+    fen count itself, so its 128-bit little-endian words are the int64 and its sign
+    extension (~3x cheaper than to_money's casts, measured: it ran per money column of
+    every window's trade rows)."""
+    assert sys.byteorder == "little"
+    fen = np.ascontiguousarray(fen, dtype=np.int64)
+    assert ((fen > -FEN_DECIMAL18_MAX) & (fen < FEN_DECIMAL18_MAX)).all(), "beyond decimal(18,2)"
+    words = np.empty((len(fen), 2), dtype=np.int64)
+    words[:, 0], words[:, 1] = fen, fen >> 63
+    array = pa.Array.from_buffers(pa.decimal128(18, 2), len(fen), [None, pa.py_buffer(words)])
+    out = pl.Series(name, array)
+    assert out.dtype == pl.Decimal(18, 2)
+    return out
 
 
 def check_decimal18(frame: pl.DataFrame, columns: list[str], what: str) -> None:

@@ -6,12 +6,13 @@ import datetime as dt
 from collections import defaultdict
 from decimal import ROUND_HALF_UP, Decimal
 
+import numpy as np
 import polars as pl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from market import FEES, business_days, trade, write_refdata, write_trades
 
-from settle_arrow import open_target, replay, schema
+from settle_arrow import money, open_target, replay, schema
 
 CENT = Decimal("0.01")
 DAYS = business_days(dt.date(2023, 8, 21), 10)  # straddles the 2023-08-28 rate change
@@ -85,3 +86,14 @@ def test_fees_match_decimal_and_netting_balances(tmp_path_factory, backend, rows
     # Holdings conserved per security: opening + trades.
     totals = dict(hold.group_by("security_id").agg(pl.col("quantity").sum()).iter_rows())
     assert totals.get("600000", 0) == 5000 and totals.get("600001", 0) == 700
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=-(10**18) + 1, max_value=10**18 - 1), max_size=50))
+def test_money_series_is_the_exact_decimal_of_fen(fen):
+    """money_series (built from the integer's words) and to_money (Polars casts) agree, and
+    both are fen / 100 exactly, at the decimal(18,2) bounds too."""
+    a = np.array(fen, dtype=np.int64)
+    fast = money.money_series("x", a)
+    assert fast.equals(pl.DataFrame({"x": a}).select(money.to_money(pl.col("x")))["x"])
+    assert fast.to_list() == [Decimal(v) / 100 for v in fen]
