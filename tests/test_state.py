@@ -5,12 +5,14 @@ trade keys are day-major and distinct."""
 from __future__ import annotations
 
 import datetime
+from unittest import mock
 
 import numpy as np
 import polars as pl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from settle_arrow import state
 from settle_arrow.state import SortedRuns, pack_keys
 
 batches = st.lists(st.lists(st.integers(0, 400), max_size=60), max_size=25)
@@ -18,8 +20,20 @@ batches = st.lists(st.lists(st.integers(0, 400), max_size=60), max_size=25)
 
 @settings(max_examples=150, deadline=None)
 @given(batches=batches, frozen=st.one_of(st.none(), st.integers(1, 50)), spill=st.booleans(),
-       probe=st.lists(st.integers(-5, 405), max_size=80))
-def test_sorted_runs_behave_as_a_dict(tmp_path_factory, batches, frozen, spill, probe):
+       probe=st.lists(st.integers(-5, 405), max_size=80),
+       sampled=st.one_of(st.none(), st.tuples(st.integers(1, 40), st.sampled_from([1, 2, 3, 4, 8]))))
+def test_sorted_runs_behave_as_a_dict(tmp_path_factory, batches, frozen, spill, probe, sampled):
+    """`sampled`: (SAMPLED_RUN_ROWS_MIN, SAMPLE_STRIDE) small enough that probes of these
+    runs go through the sampled search."""
+    if sampled is None:
+        _behave_as_a_dict(tmp_path_factory, batches, frozen, spill, probe)
+        return
+    with mock.patch.object(state, "SAMPLED_RUN_ROWS_MIN", sampled[0]), \
+            mock.patch.object(state, "SAMPLE_STRIDE", sampled[1]):
+        _behave_as_a_dict(tmp_path_factory, batches, frozen, spill, probe)
+
+
+def _behave_as_a_dict(tmp_path_factory, batches, frozen, spill, probe):
     spill_dir = str(tmp_path_factory.mktemp("spill")) if spill and frozen else None
     runs = SortedRuns(np.int64, {"v": np.int64}, frozen_rows_min=frozen, spill_dir=spill_dir)
     oracle: dict[int, int] = {}
@@ -55,3 +69,19 @@ def test_trade_keys_are_day_major_and_distinct():
     assert ok.all() and len(set(keys.tolist())) == len(rows)
     # Every key of the earlier day sorts below every key of the later one, whatever the market.
     assert keys[:4].max() < keys[4:].min()
+
+
+@settings(max_examples=200, deadline=None)
+@given(keys=st.sets(st.integers(0, 2**62), min_size=1, max_size=300),
+       probe=st.lists(st.integers(0, 2**62 + 5), max_size=100),
+       stride=st.sampled_from([1, 2, 5, 16, 32, 64]), dtype=st.sampled_from([np.int64, np.uint64]),
+       shift=st.sampled_from([0, -(2**62)]))
+def test_sampled_lower_bound_is_searchsorted(keys, probe, stride, dtype, shift):
+    """The sampled bisection equals np.searchsorted for any probes, inside the run or not,
+    for signed (holdings) and unsigned (trade) keys."""
+    shift = shift if dtype is np.int64 else 0
+    run = np.array(sorted(k + shift for k in keys), dtype=dtype)
+    p = np.array([k + shift for k in probe], dtype=dtype)
+    runs = SortedRuns(dtype)
+    with mock.patch.object(state, "SAMPLED_RUN_ROWS_MIN", 1), mock.patch.object(state, "SAMPLE_STRIDE", stride):
+        assert np.array_equal(runs._lower_bound(0, run, p), np.searchsorted(run, p))
