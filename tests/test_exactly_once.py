@@ -416,7 +416,9 @@ def test_dropped_connection_at_chosen_points(market, reference, harness, pg_back
 def test_dropped_connection_at_random_moments(market, reference, harness, pg_backend, tmp_path):
     backend, db = pg_backend, pg_backend.new(tmp_path)
     total = sum(_rows(f) for f in _files(market))
-    cmd = _replay_cmd(harness, market, db, 600)
+    # Small windows: four drops, each after at most 5 commits and 50 ms, must land mid-run
+    # however fast windows commit (600-row windows once let a faster engine finish first).
+    cmd = _replay_cmd(harness, market, db, 150)
     rng = random.Random(SEED + 3)
     dropped = 0
     for _ in range(4):
