@@ -243,19 +243,23 @@ def test_pg_placeholders():
         "SELECT '?', \"a?\" FROM t WHERE x = $1 AND y = 'it''s?'")
 
 
-def test_duckdb_window_fills_its_own_row_groups(tmp_path):
-    """A DuckDB TARGET is written in row groups of ROW_GROUP_SIZE rows, half DuckDB's default,
-    so a 100,000-row window's trade rows fill a row group and DuckDB writes them during the
-    append ("optimistic write") instead of encoding them again at COMMIT. The file stays an
+@pytest.mark.parametrize("window_rows", [100_000, None])
+def test_duckdb_row_groups_follow_the_window(tmp_path, window_rows):
+    """A DuckDB TARGET written in windows smaller than DuckDB's default row group gets row
+    groups of ROW_GROUP_ROWS_SMALL, so a default 100,000-row window fills one and DuckDB
+    writes its rows during the append ("optimistic write") instead of encoding them again at
+    COMMIT; whole tables and --batch (window_rows None) keep the default. The file stays an
     ordinary DuckDB file: another process (here, a plain read-only connect) reads it."""
     import duckdb
 
     from settle_arrow.engine import WINDOW_ROWS_DEFAULT
-    from settle_arrow.storage.duckdb import ROW_GROUP_SIZE
+    from settle_arrow.storage.duckdb import ROW_GROUP_ROWS_DEFAULT, ROW_GROUP_ROWS_SMALL
 
-    assert ROW_GROUP_SIZE <= WINDOW_ROWS_DEFAULT, "a default window must fill a row group"
-    rows = ROW_GROUP_SIZE + 4_000
+    assert ROW_GROUP_ROWS_SMALL <= WINDOW_ROWS_DEFAULT < ROW_GROUP_ROWS_DEFAULT
+    size = ROW_GROUP_ROWS_SMALL if window_rows else ROW_GROUP_ROWS_DEFAULT
+    rows = ROW_GROUP_ROWS_SMALL + 4_000
     facts = schema.STORAGE["trade_facts"]
+
     def zero(t: pa.DataType):
         if pa.types.is_decimal(t):
             return Decimal(0)
@@ -263,7 +267,7 @@ def test_duckdb_window_fills_its_own_row_groups(tmp_path):
 
     zeros = {f.name: pa.array([zero(f.type)] * rows, type=f.type) for f in facts if f.name != "window_id"}
     db = str(tmp_path / "rg.duckdb")
-    storage = open_storage(db)
+    storage = open_storage(db, window_rows=window_rows)
     try:
         storage.ensure_schema()
         storage.commit_window(1, {"trade_facts": pa.table(zeros)},
@@ -277,4 +281,4 @@ def test_duckdb_window_fills_its_own_row_groups(tmp_path):
         assert con.sql("SELECT count(*) FROM trade_facts").fetchall() == [(rows,)]
     finally:
         con.close()
-    assert [n for _, n in per_group] == [ROW_GROUP_SIZE, rows - ROW_GROUP_SIZE]
+    assert [n for _, n in per_group] == ([size, rows - size] if rows > size else [rows])

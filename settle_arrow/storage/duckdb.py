@@ -28,10 +28,22 @@ CHECKPOINT_THRESHOLD = "128MB"
 MEMORY_LIMIT = "1GB"
 # DuckDB writes an append of at least one full row group straight into the file during the
 # transaction ("optimistic write"); a smaller one goes through the WAL or a checkpoint at
-# COMMIT, which encodes the rows a second time. Half the default (122,880) lets a
-# 100,000-row window take the first path: append + commit CPU 7.0 s -> 4.6 s for 5 M trade
-# rows, replay +6% (measured; the file grows ~10%). Only ATTACH takes the option.
-ROW_GROUP_SIZE = 65_536
+# COMMIT, which encodes the rows a second time. A writer whose windows are smaller than the
+# default row group (122,880 rows) attaches the file with half of it, so a 100,000-row window
+# takes the first path: append + commit CPU 7.0 -> 4.6 s for 5 M trade rows, replay +6-15%
+# (measured; the file grows ~10%). Whole-table and --batch appends fill default row groups
+# anyway, and the smaller ones cost them ~9% (20 M-trade --batch, measured): they keep the
+# default. Only ATTACH takes the option.
+ROW_GROUP_ROWS_DEFAULT = 122_880
+ROW_GROUP_ROWS_SMALL = 65_536
+
+
+def row_group_rows(window_rows: int | None) -> int:
+    """The row group size a writer appending windows of `window_rows` attaches with."""
+    small = window_rows is not None and window_rows < ROW_GROUP_ROWS_DEFAULT
+    return ROW_GROUP_ROWS_SMALL if small else ROW_GROUP_ROWS_DEFAULT
+
+
 _ALIAS = "target"
 
 
@@ -40,11 +52,11 @@ class _Instance:
     every writer and in-process reader of that file works through a cursor of it (DuckDB's
     MVCC between them), so the file's lock is taken once."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, row_group_rows: int):
         self.root = duckdb.connect()
         try:
             quoted = str(path).replace("'", "''")
-            self.root.execute(f"ATTACH '{quoted}' AS {_ALIAS} (ROW_GROUP_SIZE {ROW_GROUP_SIZE})")
+            self.root.execute(f"ATTACH '{quoted}' AS {_ALIAS} (ROW_GROUP_SIZE {int(row_group_rows)})")
             # The default 16 MB threshold checkpoints every few windows inside COMMIT (~100 ms
             # each, measured); a larger WAL keeps commits small but is replayed on restart
             # (~1.3 s for 470 MB, measured): 128 MB bounds that and the checkpoint pause,
@@ -68,7 +80,7 @@ _INSTANCES_LOCK = threading.RLock()  # _release runs under it when a cursor fail
 
 
 class DuckDBStorage(Storage):
-    def __init__(self, path: str, read_only: bool = False):
+    def __init__(self, path: str, read_only: bool = False, window_rows: int | None = None):
         self.url = path
         p = Path(path)
         if read_only and not p.exists():
@@ -87,7 +99,8 @@ class DuckDBStorage(Storage):
                 # (a second open of the file would be refused by its lock).
                 if not read_only or self._key in _INSTANCES:
                     if self._key not in _INSTANCES:
-                        _INSTANCES[self._key] = _Instance(p)
+                        # The first opener's size holds while the instance lives.
+                        _INSTANCES[self._key] = _Instance(p, row_group_rows(window_rows))
                     self._instance = _INSTANCES[self._key]
                     self._instance.users += 1
                     try:
