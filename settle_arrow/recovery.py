@@ -72,7 +72,7 @@ def _require_known(storage: Storage, unknown: pl.DataFrame) -> None:
 
 
 def recover(storage: Storage, ref: RefData, dims: DimIds) -> EngineState:
-    state = EngineState(n_sec=max(1, ref.securities.height))
+    state = EngineState(n_sec=ref.n_sec)
     account_of, unit_of, sec_of = (_to_ref(DimIds.inverse(d)) for d in (dims.account, dims.unit, dims.security))
     markets = _frame(storage.query("SELECT id, market FROM dim_security ORDER BY id"))
     code_of = np.full(int(markets["id"].max()) + 1 if markets.height else 0, -1, dtype=np.int64)

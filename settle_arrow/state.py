@@ -40,11 +40,11 @@ TRADE_ID_BITS = 46
 DAY_BITS = 16
 MARKET_CODES = schema.MARKET_CODES
 assert len(MARKET_CODES) <= 1 << (64 - DAY_BITS - TRADE_ID_BITS), "market codes must fit their bits"
-# Freeze sizes (see SortedRuns): merges copy at most ~2x these many keys at any stream length.
 # Runs of at least this many keys are probed through a sample of every SAMPLE_STRIDE-th key
 # (SortedRuns._lower_bound); the sample costs 1/SAMPLE_STRIDE of the keys' memory.
 SAMPLED_RUN_ROWS_MIN = 1 << 16
 SAMPLE_STRIDE = 32
+# Freeze sizes (see SortedRuns): merges copy at most ~2x these many keys at any stream length.
 SEEN_FROZEN_ROWS = 8_000_000  # 64 MB of keys per frozen run
 ACCEPTED_FROZEN_ROWS = 2_000_000  # 88 MB of keys and payload per frozen run
 # Frozen runs of both live in files here: the memory they cost is that of the runs probed

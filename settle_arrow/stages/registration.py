@@ -49,7 +49,7 @@ class Register:
         if "validation_prepared" not in window.frames:
             return window
         t = window.frames["validation_prepared"].filter(pl.col("reason0").is_null())
-        keys = _leg_keys(max(1, ref.securities.height), t)  # as EngineState.n_sec (recovery.py)
+        keys = _leg_keys(ref.n_sec, t)
         order = np.argsort(keys, kind="stable")  # stable: input order kept within a key
         return window.add(registration_prepared=pl.DataFrame(
             {"seq": t["seq"].to_numpy()[order // 2], "side": (order % 2).astype(np.int8), "key": keys[order]}
@@ -65,7 +65,7 @@ class Register:
         delta[0::2], delta[1::2] = qty, -qty
         if "registration_prepared" in window.frames:  # prepare is an optimisation, never required
             p = window.frames["registration_prepared"]
-            assert state.n_sec == max(1, ctx.refdata.securities.height), "prepared keys use another key base"
+            assert state.n_sec == ctx.refdata.n_sec, "prepared keys use another key base"
             rank = np.full(window.frames["input"].height, -1, dtype=np.int64)
             rank[c["seq"].to_numpy()] = np.arange(n)
             leg_rank = rank[p["seq"].to_numpy()]
