@@ -159,10 +159,10 @@ def _obligations(c: pl.DataFrame, ref: RefData) -> tuple[pl.DataFrame, pl.DataFr
 # What clearing computes per trade from the row and reference data alone; the money ones
 # unsigned (process signs them: an X row carries the negation of its trade).
 _SIGNED = ("amount_fen", *[f"{side}_{f}" for side in ("buy", "sell") for f in FEE_COLS])
-_PER_TRADE = ("security_type", "currency", "securities_cycle", "cash_cycle", *_SIGNED, "buy_part_idx", "sell_part_idx", "buy_participant", "sell_participant",
+_PER_TRADE = ("security_type", "currency", "securities_cycle", "cash_cycle", *_SIGNED,
+              "buy_part_idx", "sell_part_idx", "buy_participant", "sell_participant",
               "securities_settle_date", "cash_settle_date")
-
-
+# What they are computed from.
 _INPUTS = ("seq", "sec_idx", "price_milli", "quantity", "buy_unit_idx", "sell_unit_idx", "market", "trade_date")
 
 
