@@ -20,6 +20,7 @@ import dataclasses
 import datetime
 import functools
 import hashlib
+from collections.abc import Callable
 
 import fsspec
 import numpy as np
@@ -27,11 +28,12 @@ import polars as pl
 
 from settle_arrow import schema
 from settle_arrow.errors import UserError
-from settle_arrow.io.files import SourceError, read_table
+from settle_arrow.io.files import SourceError, read_frame
 from settle_arrow.io.parse import ColumnTypeError, coerce
 
 RATE_SCALE = 10**8
 SMALL_DOMAIN_MAX = 4096  # StringIndex: below this many values, look up by exact replace
+RUNS_SAMPLE_ROWS = 65_536  # rows _by_runs looks at to decide
 _HASH_SEEDS = {"seed": 0x5E77}
 
 
@@ -89,16 +91,23 @@ class StringIndex:
             out = pl.DataFrame({"v": keys}).join(ref, on="v", how="left", maintain_order="left")
             return out["id"].fill_null(-1).to_numpy().astype(np.int64)
         hashes = keys.hash(**_HASH_SEEDS).to_numpy() | np.uint64(1)
-        cand = np.full(len(hashes), -1, dtype=np.int64)
-        pending = np.arange(len(hashes))
-        for probe in range(self._probes_max):
-            slot = (hashes[pending] & self._mask).astype(np.int64) + probe
+        # At load <= 1/2 most keys sit in their home slot: the first probe runs over all keys
+        # without an index array, later probes over the few still pending (10 M keys:
+        # 0.6-1.0 s -> 0.45 s, measured).
+        home = (hashes & self._mask).astype(np.int64)
+        seen = self._slot_hash[home]
+        hit = seen == hashes
+        cand = self._slot_id[home]
+        cand[~hit] = -1
+        pending = np.flatnonzero(~hit & (seen != 0))
+        for probe in range(1, self._probes_max):
+            if not len(pending):
+                break
+            slot = home[pending] + probe
             seen = self._slot_hash[slot]
             hit = seen == hashes[pending]
             cand[pending[hit]] = self._slot_id[slot[hit]]
             pending = pending[~hit & (seen != 0)]
-            if not len(pending):
-                break
         found = cand >= 0
         same = np.zeros(len(keys), dtype=bool)
         same[found] = (self._values.gather(cand[found]) == keys.filter(pl.Series(found))).fill_null(False).to_numpy()
@@ -180,10 +189,9 @@ def _load_table(dir_url: str, name: str) -> pl.DataFrame:
             raise RefDataError(f"reference table {name} not found in {dir_url} (.parquet or .csv)")
         return pl.from_arrow(target.empty_table())
     try:
-        raw = pl.from_arrow(read_table(url))
+        raw = read_frame(url)
     except SourceError as exc:
         raise RefDataError(str(exc)) from None
-    assert isinstance(raw, pl.DataFrame)
     missing = [n for n in target.names if n not in raw.columns]
     optional = set(schema.REFDATA_NULLABLE.get(name, ()))
     if [m for m in missing if m not in optional]:
@@ -303,18 +311,39 @@ def _file_sha256(url: str | None) -> str:
     return h.hexdigest()
 
 
+def _by_runs(frame: pl.DataFrame, cols: list[str], lookup: Callable[[pl.DataFrame], np.ndarray]) -> np.ndarray:
+    """lookup(frame[cols]) row by row, computed once per run of equal keys: a holdings file
+    comes sorted by account or by security (the generated one by security: 10 M rows, 2,000
+    runs), so its sorted column is looked up in thousands of rows, not ten million (sec_idx
+    0.66 s -> 0.1 s, measured). Whether runs pay is judged on a leading sample: the
+    comparison of every row costs 0.3 s on an unsorted column of 10 M strings."""
+    keys = frame.select(cols)
+
+    def heads_of(part: pl.DataFrame) -> np.ndarray:
+        head = pl.any_horizontal(pl.col(c).ne_missing(pl.col(c).shift(1)) for c in cols).fill_null(True)
+        out = part.select(head.alias("h"))["h"].to_numpy().copy()
+        out[:1] = True
+        return out
+
+    if 2 * int(heads_of(keys.head(RUNS_SAMPLE_ROWS)).sum()) > min(keys.height, RUNS_SAMPLE_ROWS):
+        return lookup(keys)
+    heads = heads_of(keys)
+    return lookup(keys.filter(pl.Series(heads)))[np.cumsum(heads) - 1]
+
+
 def _load_opening(ref: RefData) -> tuple[pl.DataFrame, str]:
     """Load and check the holdings table; (opening, row digest)."""
     hold = _load_table(ref.dir_url, "holdings")
     if hold.filter(pl.col("quantity") <= 0).height:
         raise RefDataError("holdings: opening quantity must be > 0")
-    acct_idx = ref.account_index.lookup(hold["account_id"])
+    acct_idx = _by_runs(hold, ["account_id"], lambda heads: ref.account_index.lookup(heads["account_id"]))
     if (acct_idx < 0).any():
         raise RefDataError(f"holdings: account {hold['account_id'][int(np.argmax(acct_idx < 0))]!r} is not defined")
-    opening = hold.with_columns(pl.Series("acct_idx", acct_idx), ref.sec_idx(hold))
-    if opening["sec_idx"].null_count():
-        row = opening.filter(pl.col("sec_idx").is_null()).row(0, named=True)
+    sec_idx = _by_runs(hold, ["market", "security_id"], lambda heads: ref.sec_idx(heads).fill_null(-1).to_numpy())
+    if (sec_idx < 0).any():
+        row = hold.row(int(np.argmax(sec_idx < 0)), named=True)
         raise RefDataError(f"holdings: security {row['market']}/{row['security_id']} is not defined")
+    opening = hold.with_columns(pl.Series("acct_idx", acct_idx), pl.Series("sec_idx", sec_idx, dtype=pl.Int32))
     opening = opening.select("acct_idx", "sec_idx", "quantity")
     # Uniqueness on the integer pair: ~10x cheaper than on three string columns; counted
     # first (0.2 s on 10 M rows, where the duplicate mask takes 1.4 s: only built to name one).

@@ -22,9 +22,12 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from market import T1, trade, write_refdata, write_trades
 
 from settle_arrow import open_target, replay, schema
+from settle_arrow import refdata as refdata_module
 from settle_arrow.refdata import RefData, RefDataError, load_refdata
 
 OPENING = [
@@ -139,6 +142,36 @@ def test_bad_opening_holdings_fail_replay(tmp_path, backend, rows, message):
     report = replay([str(f)], str(ref), db)
     assert report.rows_accepted == 1
     assert holdings(db) == {("A1", "600000"): 200, ("A2", "600000"): -100}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(keys=st.lists(st.tuples(st.sampled_from(["A1", "A2", "A3", "A9"]), st.sampled_from(["600000", "600001"])),
+                     unique=True, min_size=1, max_size=8),
+       order=st.sampled_from(["account", "security", "as drawn"]), sample_rows=st.sampled_from([1, 2, 65_536]),
+       undefined=st.sampled_from([None, "account", "security"]))
+def test_opening_load_ignores_row_order(tmp_path_factory, monkeypatch, keys, order, sample_rows, undefined):
+    """Looked up per run of equal keys when a column is sorted, row by row when not (judged on
+    a leading sample of `sample_rows`): either way every row gets its own account and
+    security, and an undefined one is named."""
+    monkeypatch.setattr(refdata_module, "RUNS_SAMPLE_ROWS", sample_rows)
+    rows = [(a, "XSHG", s, 100 + i) for i, (a, s) in enumerate(keys)]
+    if undefined == "account":
+        rows.append(("A7", "XSHG", "600000", 1))
+    elif undefined == "security":
+        rows.append(("A1", "XSHG", "699999", 1))
+    if order != "as drawn":
+        rows.sort(key=(lambda r: (r[0], r[2])) if order == "account" else (lambda r: (r[2], r[0])))
+    ref = write_refdata(tmp_path_factory.mktemp("opening"), holdings=rows)
+    loaded = load_refdata(str(ref))
+    if undefined:
+        what = "account 'A7'" if undefined == "account" else "security XSHG/699999"
+        with pytest.raises(RefDataError, match=f"^holdings: {what} is not defined$"):
+            loaded.opening  # noqa: B018
+        return
+    accounts = loaded.account_index.values(loaded.opening["acct_idx"].to_numpy()).to_list()
+    securities = loaded.securities["security_id"].gather(loaded.opening["sec_idx"]).to_list()
+    got = list(zip(accounts, securities, loaded.opening["quantity"].to_list(), strict=True))
+    assert got == [(a, s, q) for a, _, s, q in rows]
 
 
 def _count(db: str, name: str) -> int:
