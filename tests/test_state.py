@@ -23,13 +23,13 @@ batches = st.lists(st.lists(st.integers(0, 400), max_size=60), max_size=25)
        probe=st.lists(st.integers(-5, 405), max_size=80),
        sampled=st.one_of(st.none(), st.tuples(st.integers(1, 40), st.sampled_from([1, 2, 3, 4, 8]))))
 def test_sorted_runs_behave_as_a_dict(tmp_path_factory, batches, frozen, spill, probe, sampled):
-    """`sampled`: (SAMPLED_RUN_ROWS_MIN, SAMPLE_STRIDE) small enough that probes of these
-    runs go through the sampled search."""
+    """`sampled`: (SAMPLED_RUN_ROWS_MIN, SAMPLE_STRIDE) small enough, and no minimum of
+    keys per probe, so that probes of these runs go through the sampled search."""
     if sampled is None:
         _behave_as_a_dict(tmp_path_factory, batches, frozen, spill, probe)
         return
     with mock.patch.object(state, "SAMPLED_RUN_ROWS_MIN", sampled[0]), \
-            mock.patch.object(state, "SAMPLE_STRIDE", sampled[1]):
+            mock.patch.object(state, "SAMPLED_RUN_PROBE_RATIO", 0), mock.patch.object(state, "SAMPLE_STRIDE", sampled[1]):
         _behave_as_a_dict(tmp_path_factory, batches, frozen, spill, probe)
 
 
@@ -83,5 +83,6 @@ def test_sampled_lower_bound_is_searchsorted(keys, probe, stride, dtype, shift):
     run = np.array(sorted(k + shift for k in keys), dtype=dtype)
     p = np.array([k + shift for k in probe], dtype=dtype)
     runs = SortedRuns(dtype)
-    with mock.patch.object(state, "SAMPLED_RUN_ROWS_MIN", 1), mock.patch.object(state, "SAMPLE_STRIDE", stride):
+    with mock.patch.object(state, "SAMPLED_RUN_ROWS_MIN", 1), mock.patch.object(state, "SAMPLED_RUN_PROBE_RATIO", 0), \
+            mock.patch.object(state, "SAMPLE_STRIDE", stride):
         assert np.array_equal(runs._lower_bound(0, run, p), np.searchsorted(run, p))

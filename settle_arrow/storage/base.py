@@ -117,6 +117,11 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None: ...
 
+    @abc.abstractmethod
+    def reader(self) -> Storage:
+        """Another read-only handle on this TARGET, usable from another thread while this one
+        works (recovery reads holdings and trades at once); it sees committed data only."""
+
     # --- schema -------------------------------------------------------------------
     def is_initialised(self) -> bool:
         return "meta" in self._table_names()

@@ -156,6 +156,10 @@ class DuckDBStorage(Storage):
     def _table_names(self) -> set[str]:
         return {r[0] for r in self.con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
 
+    def reader(self) -> DuckDBStorage:
+        # A writer's process shares its instance: this is another cursor of it (DuckDB's MVCC).
+        return DuckDBStorage(self.url, read_only=True)
+
     def close(self) -> None:
         try:
             self.con.close()

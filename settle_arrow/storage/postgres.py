@@ -106,6 +106,7 @@ def _normalise(table: pa.Table) -> pa.Table:
 class PostgresStorage(Storage):
     def __init__(self, target: str, read_only: bool = False):
         uri, schema_name, self.url = split_target(target)
+        self._target = target
         self.read_only = read_only
         try:
             self.con = pg_dbapi.connect(uri, autocommit=True)
@@ -191,6 +192,9 @@ class PostgresStorage(Storage):
         if pa.types.is_string(t) or pa.types.is_large_string(t):
             return 'VARCHAR COLLATE "C"'  # code-point order, as DuckDB sorts
         return sql_type(t)
+
+    def reader(self) -> PostgresStorage:
+        return PostgresStorage(self._target, read_only=True)
 
     def close(self) -> None:
         for obj in (self.cur, self.con):
