@@ -218,7 +218,7 @@ def bench(
     pg_url: Annotated[str, typer.Option(help="PostgreSQL server for --db-kind postgresql (a new database is made there)")]
     = "postgresql://postgres@127.0.0.1:5432/test",
 ) -> None:
-    """Benchmark: trades/s per window size and --batch, window latency, peak RSS, DuckDB floor."""
+    """Benchmark: trades/s per window size and --batch, window latency, peak RSS, DuckDB floor, storage alone."""
     import os
     import platform
 

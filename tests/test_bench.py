@@ -1,21 +1,35 @@
 """The benchmark runs end to end at a tiny scale (speed itself is never asserted here)."""
 
+import pyarrow.parquet as pq
+
 from settle_arrow.bench import BenchSpec, run, targets
 
 
 def test_bench_reports_every_mode(tmp_path):
     spec = BenchSpec(trades=3_000, accounts=400, securities=20, days=1, windows=(500, 3_000), out_dir=str(tmp_path))
     results = run(spec, echo=lambda *_: None)
-    modes = [r["mode"] for r in results]
-    assert modes[0].startswith("floor") and len(modes) == 5 and modes[3].startswith("replay --batch")
-    assert modes[4].startswith("restart after SIGKILL")
-    for r in results[:4]:
+    by = {r["mode"]: r for r in results}
+    assert list(by) == [
+        "floor: DuckDB GROUP BY",
+        "replay --window 500 (duckdb)", "ceiling: storage alone (--window 500)",
+        "replay --window 3,000 (duckdb)", "ceiling: storage alone (--window 3,000)",
+        "replay --batch (duckdb)", "ceiling: storage alone (--batch)",
+        "restart after SIGKILL (--window 750) (duckdb)",
+    ]
+    replays = [r for m, r in by.items() if m.startswith(("floor", "replay"))]
+    for r in replays:
         assert r["rows"] == 3_000 and r["seconds"] > 0 and r["trades_per_s"] > 0 and r["floor_ratio"] > 0
-    for r in results[1:]:
+    for r in [*replays[1:], by["restart after SIGKILL (--window 750) (duckdb)"]]:
         assert r["peak_rss_mb"] > 0 and r["window_p99_ms"] >= r["window_p50_ms"] > 0 and r["steady_trades_per_s"] > 0
         assert 0 < r["startup_s"] < r["first_commit_s"]
+    # The ceilings store the trade rows each replay committed (accepted trades), and nothing else.
+    accepted = 3_000 - pq.read_metadata(tmp_path / "market" / "expected" / "quarantine.parquet").num_rows
+    for m, r in by.items():
+        if m.startswith("ceiling"):
+            assert r["rows"] == accepted and r["seconds"] > 0 and r["trades_per_s"] > 0
+    assert not list(tmp_path.glob("bench_ceiling*")), "the ceiling's scratch file is removed"
     # The killed run committed at least half the input, so the restart replays at most the rest.
-    assert 0 < results[4]["rows"] <= 1_500
+    assert 0 < results[-1]["rows"] <= 1_500
 
 
 def test_targets_table_names_each_measured_target(tmp_path):
@@ -23,6 +37,9 @@ def test_targets_table_names_each_measured_target(tmp_path):
     rows = targets(run(spec, echo=lambda *_: None))
     names = [g["target"] for g in rows]
     assert names[0] == "100,000-row windows" and "10,000-row windows, commit p99" in names
+    # Each streaming target has its storage-alone bound beside it, and its share of that bound.
+    assert names[1].startswith("--window 100,000: storage alone") and "of storage alone" in rows[0]["measured"]
+    assert any(n.startswith("--window 10,000: storage alone") for n in names)
     assert names[-1].startswith("restart after SIGKILL")
     assert all(g["measured"] for g in rows)
     # 2,000 trades say nothing about peak memory at 100 M trades: neither met nor missed.
