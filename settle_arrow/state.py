@@ -49,6 +49,8 @@ assert len(MARKET_CODES) <= 1 << (64 - DAY_BITS - TRADE_ID_BITS), "market codes 
 SAMPLED_RUN_ROWS_MIN = 1 << 16
 SAMPLED_RUN_PROBE_RATIO = 64
 SAMPLE_STRIDE = 32
+# SortedRuns.find drops the probes a run answered once they are at least 1/this of those left.
+PROBE_DROP_SHARE_MIN = 4
 # Freeze sizes (see SortedRuns): merges copy at most ~2x these many keys at any stream length.
 SEEN_FROZEN_ROWS = 8_000_000  # 64 MB of keys per frozen run
 ACCEPTED_FROZEN_ROWS = 2_000_000  # 88 MB of keys and payload per frozen run
@@ -172,8 +174,18 @@ class SortedRuns:
             inside = probe[lo:hi]
             pos = np.minimum(self._lower_bound(r, run_keys, inside), len(run_keys) - 1)
             hit = run_keys[pos] == inside
-            run_of[order[lo:hi][hit]] = r
-            pos_of[order[lo:hi][hit]] = pos[hit]
+            found = order[lo:hi][hit]
+            run_of[found] = r
+            pos_of[found] = pos[hit]
+            if PROBE_DROP_SHARE_MIN * len(found) >= len(probe):
+                # Keys are unique across runs: a key found here is in no later run, so those
+                # probes are dropped (holdings: half of a window's probes hit the oldest,
+                # largest run, and only the rest probe the newer ones; 200 k probes of runs of
+                # 10 M, 1.3 M and 0.6 M keys: 60 -> 50 ms, measured). Below that share, the copy
+                # costs more than the probes it saves.
+                keep = np.ones(len(probe), dtype=bool)
+                keep[lo + np.flatnonzero(hit)] = False
+                probe, order = probe[keep], order[keep]
         return run_of, pos_of
 
     def _lower_bound(self, r: int, run_keys: np.ndarray, probe: np.ndarray) -> np.ndarray:
