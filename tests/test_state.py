@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from settle_arrow import state
-from settle_arrow.state import SortedRuns, pack_keys
+from settle_arrow.state import SortedRuns, pack_keys, stable_sort
 
 batches = st.lists(st.lists(st.integers(0, 400), max_size=60), max_size=25)
 
@@ -86,3 +86,16 @@ def test_sampled_lower_bound_is_searchsorted(keys, probe, stride, dtype, shift):
     with mock.patch.object(state, "SAMPLED_RUN_ROWS_MIN", 1), mock.patch.object(state, "SAMPLED_RUN_PROBE_RATIO", 0), \
             mock.patch.object(state, "SAMPLE_STRIDE", stride):
         assert np.array_equal(runs._lower_bound(0, run, p), np.searchsorted(run, p))
+
+
+@settings(max_examples=200, deadline=None)
+@given(keys=st.lists(st.one_of(st.integers(0, 40), st.integers(0, (1 << 63) - 1), st.integers(-(1 << 63), -1)),
+                     max_size=300),
+       narrow=st.booleans())
+def test_stable_sort_equals_a_stable_argsort(keys, narrow):
+    """Narrow non-negative keys go through the packed sort, wide or negative ones through the
+    stable argsort; either way the order equals a stable argsort's, ties in input order."""
+    a = np.array([k % 41 for k in keys] if narrow else keys, dtype=np.int64)
+    order, ordered = stable_sort(a)
+    assert np.array_equal(order, np.argsort(a, kind="stable"))
+    assert np.array_equal(ordered, a[order])

@@ -26,7 +26,7 @@ import polars as pl
 from settle_arrow import schema
 from settle_arrow.refdata import RefData
 from settle_arrow.stages.base import StageContext, Window
-from settle_arrow.state import DAY0, DAY_BITS, holding_keys
+from settle_arrow.state import DAY0, DAY_BITS, holding_keys, stable_sort
 
 _EPOCH = datetime.date(1970, 1, 1)
 
@@ -49,10 +49,9 @@ class Register:
         if "validation_prepared" not in window.frames:
             return window
         t = window.frames["validation_prepared"].filter(pl.col("reason0").is_null())
-        keys = _leg_keys(ref.n_sec, t)
-        order = np.argsort(keys, kind="stable")  # stable: input order kept within a key
+        order, keys = stable_sort(_leg_keys(ref.n_sec, t))  # stable: input order kept within a key
         return window.add(registration_prepared=pl.DataFrame(
-            {"seq": t["seq"].to_numpy()[order // 2], "side": (order % 2).astype(np.int8), "key": keys[order]}
+            {"seq": t["seq"].to_numpy()[order // 2], "side": (order % 2).astype(np.int8), "key": keys}
         ))
 
     def process(self, window: Window, ctx: StageContext) -> Window:
@@ -74,9 +73,7 @@ class Register:
             k_sorted = p["key"].to_numpy()[kept]
             assert len(order) == 2 * n, "an accepted row was not prepared"
         else:
-            keys = _leg_keys(state.n_sec, c)
-            order = np.argsort(keys, kind="stable")
-            k_sorted = keys[order]
+            order, k_sorted = stable_sort(_leg_keys(state.n_sec, c))
         d_sorted = delta[order]
         starts = np.flatnonzero(np.r_[True, k_sorted[1:] != k_sorted[:-1]]) if len(k_sorted) else np.empty(0, np.int64)
         uniq = k_sorted[starts]
