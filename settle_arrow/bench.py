@@ -80,10 +80,11 @@ def storage_ceiling(replayed: Path, window: int | None, scratch: Path) -> dict:
     so no replay into this storage can beat this rate; only the time in storage calls counts."""
     from settle_arrow.engine import PIECE_ROWS_MAX
     from settle_arrow.storage import open_storage
+    from settle_arrow.storage.duckdb import remove_target
 
-    scratch.unlink(missing_ok=True)
+    remove_target(scratch)
     source = duckdb.connect(str(replayed), read_only=True)
-    storage = open_storage(str(scratch), window_rows=window)
+    storage = open_storage(str(scratch))
     seconds, rows, window_id, closed = 0.0, 0, 1, False
     try:
         storage.ensure_schema()
@@ -110,8 +111,7 @@ def storage_ceiling(replayed: Path, window: int | None, scratch: Path) -> dict:
         if not closed:
             storage.close()
         source.close()
-        scratch.unlink(missing_ok=True)
-        Path(f"{scratch}.wal").unlink(missing_ok=True)
+        remove_target(scratch)
     mode = f"--window {window:,}" if window else "--batch"
     return {"mode": f"ceiling: storage alone ({mode})", "rows": rows, "seconds": seconds or math.nan}
 
@@ -184,6 +184,8 @@ def _child(market: Path, refdata: str, target: str, window: int | None, kill_at_
 
 
 def run(spec: BenchSpec, echo=print) -> list[dict]:
+    from settle_arrow.storage.duckdb import remove_target
+
     out = Path(spec.out_dir)
     market = out / "market"
     shutil.rmtree(market, ignore_errors=True)
@@ -208,17 +210,17 @@ def run(spec: BenchSpec, echo=print) -> list[dict]:
         for window in modes:
             name = f"bench_{window or 'batch'}"
             db = out / f"{name}.duckdb"
-            db.unlink(missing_ok=True)
+            remove_target(db)
             r = _child(market, summary.refdata_dir, f"{pg_url}?schema={name}" if pg_db else str(db), window)
             assert r is not None
             r["mode"] = (f"replay --window {window:,}" if window else "replay --batch") + f" ({spec.db_kind})"
             results.append(r)
             if not pg_db:
                 results.append(storage_ceiling(db, window, out / "bench_ceiling.duckdb"))
-            db.unlink(missing_ok=True)
+            remove_target(db)
         if spec.restart:
             db = out / "bench_restart.duckdb"
-            db.unlink(missing_ok=True)
+            remove_target(db)
             target = f"{pg_url}?schema=bench_restart" if pg_db else str(db)
             # Killed once half the input has committed; small scales get smaller windows.
             window = max(1, min(RESTART_WINDOW, summary.rows // 4))
@@ -229,7 +231,7 @@ def run(spec: BenchSpec, echo=print) -> list[dict]:
             assert r is not None
             r["mode"] = f"restart after SIGKILL (--window {window:,}) ({spec.db_kind})"
             results.append(r)
-            db.unlink(missing_ok=True)
+            remove_target(db)
     finally:
         if pg_db:
             drop_database(spec.pg_url, pg_db)

@@ -394,7 +394,7 @@ def replay(
     for src in sources:
         _check_columns(src)
     ref = load_refdata(refdata)
-    storage = open_storage(target, window_rows=None if batch else window_rows)
+    storage = open_storage(target)
     try:
         engine = Engine(storage, ref)
         if on_start:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 PRICE = pa.decimal128(12, 3)
 MONEY = pa.decimal128(18, 2)
@@ -349,6 +349,20 @@ STORAGE = {
     ),
     "meta": pa.schema([("key", pa.string()), ("value", pa.string())]),
 }
+# Tables a backend may keep as immutable segment files rather than as rows in the database,
+# each file committed by a SEGMENTS row in the window's own transaction (the DuckLake /
+# Iceberg pattern): DuckDB does, for the trade detail that is the bulk of every window (a
+# Parquet write costs half its append, measured); PostgreSQL keeps rows.
+SEGMENTED = ("trade_facts",)
+SEGMENTS = pa.schema(
+    [
+        ("table_name", pa.string()),
+        ("file", pa.string()),  # a name inside the TARGET's segment directory
+        ("window_id_min", pa.int64()),  # a copy (target.copy_target) writes several windows per file
+        ("window_id_max", pa.int64()),
+        ("rows", pa.int64()),
+    ]
+)
 # Tables whose rows each window appends (as opposed to bookkeeping the engine rewrites).
 WINDOW_APPENDS = (
     "trade_facts",

@@ -310,7 +310,7 @@ def _kill_after_commits(cmd: list[str], commits: int, delay: float) -> bool:
     [
         # schema creation; inside a window's transaction after its data, before its
         # checkpoint row, before COMMIT; right after COMMIT, before in-memory state moves on
-        ["CREATE TABLE IF NOT EXISTS trade_facts:1", "append-trade_facts:3", "append-checkpoints:2",
+        ["CREATE TABLE IF NOT EXISTS quarantine:1", "append-trade_facts:3", "append-checkpoints:2",
          "before-commit:5", "after-commit:4"],
         # the opening-holdings commit (window 0), then while a window writes source offsets
         ["append-opening_holdings:1", "append-sources:3", "DELETE FROM sources:7"],

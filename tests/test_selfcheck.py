@@ -11,6 +11,8 @@ import textwrap
 from pathlib import Path
 
 import polars as pl
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from snapshots import RESULT_TABLES, TABLES, assert_same_tables, snapshot
 
@@ -23,6 +25,7 @@ from settle_arrow.stages.clearing import Clear
 from settle_arrow.stages.registration import Register
 from settle_arrow.stages.validate import Validate
 from settle_arrow.storage import open_storage
+from settle_arrow.storage.duckdb import DuckDBStorage
 
 WINDOW = 500
 FAIL_AT = 4  # window id the faulty stage breaks (window 0 is the opening holdings)
@@ -263,6 +266,21 @@ def test_cli_exit_3_on_failed_self_check(market, reference, new_target):
     assert_same_tables({n: got[n] for n in RESULT_TABLES}, {n: reference[n] for n in RESULT_TABLES})
 
 
+def _tamper_trade_quantities(storage) -> None:
+    """One more share on each N trade of the first window: an UPDATE where trade_facts is a
+    table, a rewrite of that window's segment file where it is segments (DuckDB)."""
+    if isinstance(storage, DuckDBStorage):
+        file = storage.query("SELECT file FROM segments WHERE rows > 0 ORDER BY window_id_min LIMIT 1")["file"][0]
+        path = storage._segments / file.as_py()
+        table = pq.read_table(path)
+        sign, quantity = table["sign"], table["quantity"]
+        bumped = pc.if_else(pc.equal(sign, 1), pc.add(quantity, 1), quantity)
+        pq.write_table(table.set_column(table.schema.get_field_index("quantity"), "quantity", bumped), path)
+        return
+    storage._execute("UPDATE trade_facts SET quantity = quantity + 1 WHERE sign = 1 AND window_id = "
+                     "(SELECT MIN(window_id) FROM trade_facts)")
+
+
 def test_whole_table_checks_name_each_broken_invariant(market, new_target):
     """storage.verify (sql/verify.sql) over a finished TARGET: each tampering breaks exactly
     the invariant it should, and the check names it."""
@@ -280,14 +298,13 @@ def test_whole_table_checks_name_each_broken_invariant(market, new_target):
          f"UPDATE obligations_cash_delta SET net_amount = net_amount + 0.01 "
          f"WHERE window_id = {first.format('obligations_cash_delta')}"),
         # Both legs of a trade move together, so holdings stay conserved; the obligations do not.
-        ("trades_match_obligations",
-         f"UPDATE trade_facts SET quantity = quantity + 1 WHERE sign = 1 AND window_id = {first.format('trade_facts')}"),
+        ("trades_match_obligations", _tamper_trade_quantities),
     ]
     try:
         assert storage.verify() == []
         broken = []
         for name, sql in tamper:
-            storage._execute(sql)
+            sql(storage) if callable(sql) else storage._execute(sql)
             broken.append(name)
             assert {p.split(":")[0] for p in storage.verify()} == set(broken)
     finally:

@@ -11,11 +11,9 @@ def is_postgres(target: str) -> bool:
     return target.startswith(PG_SCHEMES)
 
 
-def open_storage(target: str, read_only: bool = False, window_rows: int | None = None) -> Storage:
+def open_storage(target: str, read_only: bool = False) -> Storage:
     """A path or `duckdb://path` is embedded DuckDB; `postgresql://` (or `postgres://`) is
-    PostgreSQL through ADBC, optionally `?schema=NAME` for one TARGET per schema.
-    `window_rows`: the rows a streaming window appends (None: whole tables or a --batch);
-    DuckDB sizes its row groups by it (storage/duckdb.py)."""
+    PostgreSQL through ADBC, optionally `?schema=NAME` for one TARGET per schema."""
     if not target:
         raise TargetError("no TARGET given")
     if is_postgres(target):
@@ -26,7 +24,7 @@ def open_storage(target: str, read_only: bool = False, window_rows: int | None =
         raise TargetError(f"unknown TARGET scheme in {target!r} (a file path or postgresql://…)")
     from settle_arrow.storage.duckdb import DuckDBStorage
 
-    return DuckDBStorage(target.removeprefix("duckdb://"), read_only=read_only, window_rows=window_rows)
+    return DuckDBStorage(target.removeprefix("duckdb://"), read_only=read_only)
 
 
 __all__ = ["Storage", "TargetError", "is_postgres", "open_storage"]

@@ -147,12 +147,18 @@ class Storage(abc.ABC):
 
     def _create_schema(self) -> None:
         """Tables, views and the schema_version row, inside the caller's transaction."""
-        for name, s in schema.STORAGE.items():
-            cols = ", ".join(f'"{f.name}" {self._column_type(f.type)}' for f in s)
-            self._execute(f"CREATE TABLE IF NOT EXISTS {name} ({cols})")
+        # SEGMENTED tables last: a backend's view of one may read the others (DuckDB's reads
+        # checkpoints).
+        for name in sorted(schema.STORAGE, key=lambda n: n in schema.SEGMENTED):
+            self._create_table(name, schema.STORAGE[name])
         for stmt in statements("views.sql"):
             self._execute(stmt)
         self._append("meta", pa.table({"key": ["schema_version"], "value": [str(schema.SCHEMA_VERSION)]}))
+
+    def _create_table(self, name: str, s: pa.Schema) -> None:
+        """DDL of one stored table; a backend may keep a SEGMENTED table otherwise (DuckDB)."""
+        cols = ", ".join(f'"{f.name}" {self._column_type(f.type)}' for f in s)
+        self._execute(f"CREATE TABLE IF NOT EXISTS {name} ({cols})")
 
     def _column_type(self, t: pa.DataType) -> str:
         """DDL type of a stored column; a backend may refine it (PostgreSQL: byte-order collation)."""

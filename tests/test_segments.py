@@ -1,0 +1,145 @@
+"""DuckDB keeps the trade detail (schema.SEGMENTED) as Parquet segment files beside its
+database file, each committed by a catalog row in its window's transaction
+(storage/duckdb.py). These tests pin down what that must never change: readers see exactly
+the committed windows; a rolled-back or killed window leaves no visible rows and, after the
+next writer's open, no file; a TARGET moved with its directory still reads. (Real SIGKILLs
+at every point of a commit: test_exactly_once.py, on both backends.)"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from decimal import Decimal
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from settle_arrow import open_target, replay, schema
+from settle_arrow.generate import MarketSpec, generate_market
+from settle_arrow.storage import open_storage
+from settle_arrow.storage.duckdb import SEGMENTS_DIR_SUFFIX, remove_target
+
+FACTS = schema.STORAGE["trade_facts"]
+
+
+def _facts(rows: int, first_trade_id: int = 1) -> pa.Table:
+    """`rows` trade_facts rows (no window_id: the storage adds it)."""
+    def value(f: pa.Field):
+        if pa.types.is_decimal(f.type):
+            return Decimal("1.5")
+        if pa.types.is_date(f.type):
+            return dt.date(2025, 1, 2)
+        return dt.time(10) if pa.types.is_time(f.type) else 1
+
+    cols = {f.name: pa.array([value(f)] * rows, f.type) for f in FACTS if f.name not in ("window_id", "trade_id")}
+    cols["trade_id"] = pa.array(range(first_trade_id, first_trade_id + rows), pa.int64())
+    cols["ref_trade_id"] = pa.nulls(rows, pa.int64())
+    return pa.table(cols)
+
+
+def _checkpoint(rows: int) -> dict:
+    return {"source": "test", "offset": rows, "rows": rows, "digest": ""}
+
+
+def _segments(db: Path) -> list[str]:
+    return sorted(p.name for p in Path(f"{db.resolve()}{SEGMENTS_DIR_SUFFIX}").iterdir())
+
+
+def _count(db: Path) -> int:
+    con = duckdb.connect(str(db), read_only=True)  # a plain reader, as another process would be
+    try:
+        return con.execute("SELECT COUNT(*) FROM trade_facts").fetchall()[0][0]
+    finally:
+        con.close()
+
+
+def test_committed_windows_are_files_in_the_catalog(tmp_path):
+    db = tmp_path / "t.duckdb"
+    storage = open_storage(str(db))
+    try:
+        storage.ensure_schema()
+        storage.commit_window(1, {"trade_facts": _facts(300)}, _checkpoint(300), ())
+        storage.stage_window(2, {"trade_facts": _facts(200, 1000)})  # a window in two pieces
+        storage.commit_window(2, {"trade_facts": _facts(100, 2000)}, _checkpoint(300), ())
+        catalog = storage.query("SELECT file, window_id_min, window_id_max, rows FROM segments ORDER BY file")
+    finally:
+        storage.close()
+    assert _segments(db) == sorted(catalog["file"].to_pylist())
+    assert catalog["rows"].to_pylist() == [0, 300, 200, 100]  # the first, empty one: the view's types
+    assert catalog["window_id_max"].to_pylist() == [0, 1, 2, 2]
+    assert _count(db) == 600
+    with open_target(str(db)) as t:  # the library's reader: same rows, same types
+        assert t.storage.query("SELECT SUM(trade_id) AS s FROM trade_facts")["s"][0].as_py() == sum(
+            [*range(1, 301), *range(1000, 1200), *range(2000, 2100)])
+
+
+def test_rolled_back_windows_leave_no_rows_and_no_files(tmp_path, monkeypatch):
+    db = tmp_path / "t.duckdb"
+    storage = open_storage(str(db))
+    try:
+        storage.ensure_schema()
+        storage.commit_window(1, {"trade_facts": _facts(50)}, _checkpoint(50), ())
+        before = _segments(db)
+        storage.stage_window(2, {"trade_facts": _facts(40, 100)})
+        assert len(_segments(db)) == len(before) + 1  # written before the commit...
+        storage.abort_window()
+        assert _segments(db) == before  # ...and gone with the rollback
+        # A COMMIT that fails takes its window's files with it.
+        monkeypatch.setattr(type(storage), "_put_meta", lambda self, values: (_ for _ in ()).throw(OSError("disk")))
+        with pytest.raises(OSError, match="disk"):
+            storage.commit_window(2, {"trade_facts": _facts(40, 100)}, _checkpoint(40), (), meta={"k": "v"})
+        assert _segments(db) == before
+        monkeypatch.undo()
+        storage.commit_window(2, {"trade_facts": _facts(40, 100)}, _checkpoint(40), ())
+    finally:
+        storage.close()
+    assert _count(db) == 90
+
+
+def test_a_killed_windows_files_are_invisible_then_swept(tmp_path):
+    """What SIGKILL leaves between a segment's rename and its COMMIT (a finished file of a
+    window with no checkpoint) and during its write (a partial `.tmp`)."""
+    db = tmp_path / "t.duckdb"
+    storage = open_storage(str(db))
+    try:
+        storage.ensure_schema()
+        storage.commit_window(1, {"trade_facts": _facts(30)}, _checkpoint(30), ())
+    finally:
+        storage.close()
+    seg = Path(f"{db.resolve()}{SEGMENTS_DIR_SUFFIX}")
+    committed = _segments(db)
+    window1 = pq.read_table(seg / committed[-1])
+    orphan = window1.set_column(FACTS.get_field_index("window_id"), "window_id", pa.array([2] * 30, pa.int64()))
+    pq.write_table(orphan, seg / "trade_facts-000000000002-000000.parquet")
+    (seg / "trade_facts-000000000002-000001.parquet.tmp").write_bytes(b"PAR1 half a file")
+    assert _count(db) == 30  # readers before any writer comes back: window 2 never committed
+    storage = open_storage(str(db))  # the next writer
+    try:
+        assert _segments(db) == committed
+        storage.ensure_schema()
+        storage.commit_window(2, {"trade_facts": _facts(5, 100)}, _checkpoint(5), ())
+    finally:
+        storage.close()
+    assert _count(db) == 35
+
+
+def test_a_moved_target_reads_and_writes_at_its_new_place(tmp_path):
+    market = tmp_path / "market"
+    generate_market(market, MarketSpec(trades=1500, seed=3, days=2))
+    old, new = tmp_path / "old" / "t.duckdb", tmp_path / "new" / "t.duckdb"
+    old.parent.mkdir()
+    replay([str(market / "trades")], str(market / "refdata"), str(old), window_rows=500)
+    with open_target(str(old)) as t:
+        digests, trades = t.digest(), t.storage.count("trade_facts")
+    new.parent.mkdir()
+    shutil.move(old, new)
+    shutil.move(f"{old}{SEGMENTS_DIR_SUFFIX}", f"{new}{SEGMENTS_DIR_SUFFIX}")
+    with open_target(str(new)) as t:  # read-only, before any writer re-pointed the view
+        assert t.digest() == digests
+    replay([str(market / "trades")], str(market / "refdata"), str(new), window_rows=500)  # nothing new
+    assert _count(new) == trades  # a plain reader too, once a writer re-pointed the stored view
+    remove_target(new)
+    assert not new.exists() and not Path(f"{new}{SEGMENTS_DIR_SUFFIX}").exists()
