@@ -237,9 +237,13 @@ class DuckDBStorage(Storage):
         last = self.con.execute("SELECT COALESCE(MAX(window_id), -1) FROM checkpoints").fetchall()[0][0]
         cols = ", ".join(f'CAST("{f.name}" AS {self._column_type(f.type)}) AS "{f.name}"'
                          for f in schema.STORAGE[table])
-        files = _quote(str(self._segments / f"{table}-*{SEGMENT_SUFFIX}"))
         return (f"CREATE OR REPLACE {'TEMP ' if temporary else ''}VIEW {table} AS SELECT {cols} "
-                f"FROM read_parquet({files}) WHERE window_id <= {int(last)}")
+                f"FROM read_parquet({self._segment_files(table)}) WHERE window_id <= {int(last)}")
+
+    def _segment_files(self, table: str) -> str:
+        """The quoted glob of a SEGMENTED table's files (quoted: a path that merely ends
+        with it, the TARGET's old place, is not it)."""
+        return _quote(str(self._segments / f"{table}-*{SEGMENT_SUFFIX}"))
 
     def ensure_schema(self) -> None:
         super().ensure_schema()
@@ -250,7 +254,7 @@ class DuckDBStorage(Storage):
             stored = self.con.execute(
                 "SELECT sql FROM duckdb_views() WHERE view_name = ? AND NOT temporary "
                 "AND database_name = current_database()", [table]).fetchall()
-            if stored and str(self._segments) not in stored[0][0]:
+            if stored and self._segment_files(table) not in stored[0][0]:
                 if self.read_only:
                     self._execute(self._segment_view(table, temporary=True))
                 else:
