@@ -75,9 +75,9 @@ def storage_ceiling(replayed: Path, window: int | None, scratch: Path) -> dict:
     """The storage design's bound for a replay mode: the trade rows that replay committed into
     `replayed`, committed again through the same storage code into a fresh file, window by
     window (`window` None: one transaction in PIECE_ROWS_MAX pieces, as --batch), with no
-    reading, checking, clearing or registration. A transaction's appends run on one core
-    (measured: chunked Arrow, SQL INSERT and preserve_insertion_order=false change nothing),
-    so no replay into this storage can beat this rate; only the time in storage calls counts."""
+    reading, checking, clearing or registration: the trade rows' segment files (one core,
+    pyarrow) and the window's DuckDB transaction, so no replay into this storage can beat
+    this rate; only the time in storage calls counts."""
     from settle_arrow.engine import PIECE_ROWS_MAX
     from settle_arrow.storage import open_storage
     from settle_arrow.storage.duckdb import remove_target
