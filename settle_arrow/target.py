@@ -177,6 +177,7 @@ def copy_target(src: str, dst: str) -> dict[str, int]:
                             if piece.num_rows:
                                 dest._append(name, conform(piece, target))
                                 copied[name] += piece.num_rows
+                    dest._snapshot_views()  # meta came whole, not through _put_meta
                     dest._commit()
                 except BaseException:
                     dest._rollback()

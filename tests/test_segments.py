@@ -2,8 +2,10 @@
 database file, each committed by a catalog row in its window's transaction
 (storage/duckdb.py). These tests pin down what that must never change: readers see exactly
 the committed windows; a rolled-back or killed window leaves no visible rows and, after the
-next writer's open, no file; a TARGET moved with its directory still reads. (Real SIGKILLs
-at every point of a commit: test_exactly_once.py, on both backends.)"""
+next writer's open, no file; a TARGET moved with its directory still reads. The last test
+pins, on both backends, the holdings views' snapshot window, which DuckDB writes in as a
+constant so that its segment scans skip older windows. (Real SIGKILLs at every point of a
+commit: test_exactly_once.py, on both backends.)"""
 
 from __future__ import annotations
 
@@ -38,6 +40,13 @@ def _facts(rows: int, first_trade_id: int = 1) -> pa.Table:
     cols["trade_id"] = pa.array(range(first_trade_id, first_trade_id + rows), pa.int64())
     cols["ref_trade_id"] = pa.nulls(rows, pa.int64())
     return pa.table(cols)
+
+
+def _with(t: pa.Table, **values: int) -> pa.Table:
+    """`t` with each named column set to one value on every row."""
+    for name, v in values.items():
+        t = t.set_column(t.schema.get_field_index(name), name, pa.array([v] * t.num_rows, t.schema.field(name).type))
+    return t
 
 
 def _checkpoint(rows: int) -> dict:
@@ -143,3 +152,31 @@ def test_a_moved_target_reads_and_writes_at_its_new_place(tmp_path):
     assert _count(new) == trades  # a plain reader too, once a writer re-pointed the stored view
     remove_target(new)
     assert not new.exists() and not Path(f"{new}{SEGMENTS_DIR_SUFFIX}").exists()
+
+
+def test_holdings_are_the_snapshot_plus_the_legs_since_it(new_target):
+    """On both backends: a snapshot rewrite changes what holdings_legs counts (only windows
+    after the snapshot) but never what holdings_ids shows, and later windows add to it."""
+    storage = open_storage(new_target())
+
+    def holdings() -> dict[tuple[int, int], int]:
+        t = storage.query("SELECT acct_id, sec_id, quantity FROM holdings_ids")
+        return {(a, s): q for a, s, q in zip(*(t[c].to_pylist() for c in ("acct_id", "sec_id", "quantity")), strict=True)}
+
+    def legs() -> int:
+        return storage.query("SELECT COUNT(*) AS n FROM holdings_legs WHERE quantity <> 0")["n"][0].as_py()
+
+    try:
+        storage.ensure_schema()
+        opening = pa.table({"acct_id": [1, 2], "sec_id": [7, 7], "quantity": [100, 50]}, schema=schema.HOLDINGS_IDS)
+        storage.init_opening(opening, "d" * 64, "f" * 64)
+        # One share of security 7: account 1 buys it from account 2 (_facts: every id is 1).
+        storage.commit_window(1, {"trade_facts": _with(_facts(1), sec_id=7, sell_account_id=2)}, _checkpoint(1), ())
+        assert holdings() == {(1, 7): 101, (2, 7): 49} and legs() == 2
+        storage.snapshot_holdings(1)
+        assert holdings() == {(1, 7): 101, (2, 7): 49} and legs() == 0
+        storage.commit_window(2, {"trade_facts": _with(_facts(1, 10), sec_id=7)}, _checkpoint(1), ())
+        assert holdings() == {(1, 7): 101, (2, 7): 49}  # account 1 bought from itself
+        assert storage.trade_rows_since_snapshot() == 1
+    finally:
+        storage.close()

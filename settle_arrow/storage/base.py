@@ -36,6 +36,10 @@ class TargetError(UserError):
     """A TARGET cannot be opened or does not hold a settle_arrow database (user mistake)."""
 
 
+# Stands in views.sql for the holdings snapshot's window (see Storage._snapshot_views).
+SNAPSHOT_PLACEHOLDER = ":holdings_snapshot_window"
+
+
 def sql_text(name: str) -> str:
     return (SQL_DIR / name).read_text(encoding="utf-8")
 
@@ -83,6 +87,11 @@ def conform(table: pa.Table, target: pa.Schema) -> pa.Table:
 
 class Storage(abc.ABC):
     url: str
+    # Whether views name the holdings snapshot's window as a constant, remade in the
+    # transaction that moves it (DuckDB: its Parquet scans skip older windows only so), or
+    # read it from meta by a subquery (PostgreSQL: no DDL per snapshot, so no reader ever
+    # waits on a view's lock).
+    inline_snapshot_window = False
     # The window whose pieces stage_window appended in the transaction still open (None:
     # no transaction open across calls).
     _open_window: int | None = None
@@ -152,8 +161,28 @@ class Storage(abc.ABC):
         for name in sorted(schema.STORAGE, key=lambda n: n in schema.SEGMENTED):
             self._create_table(name, schema.STORAGE[name])
         for stmt in statements("views.sql"):
-            self._execute(stmt)
+            self._execute(stmt.replace(SNAPSHOT_PLACEHOLDER, self._snapshot_window_sql()))
         self._append("meta", pa.table({"key": ["schema_version"], "value": [str(schema.SCHEMA_VERSION)]}))
+
+    def _snapshot_window(self) -> int:
+        """The holdings snapshot's window (meta); -1 before the first: every window counts."""
+        v = self._query("SELECT value FROM meta WHERE key = ?", (schema.HOLDINGS_SNAPSHOT_KEY,))["value"]
+        return int(v[0].as_py()) if len(v) else -1
+
+    def _snapshot_window_sql(self) -> str:
+        if self.inline_snapshot_window:
+            return str(self._snapshot_window())
+        return f"COALESCE((SELECT CAST(value AS BIGINT) FROM meta WHERE key = '{schema.HOLDINGS_SNAPSHOT_KEY}'), -1)"
+
+    def _snapshot_views(self) -> None:
+        """Remake the views that name the holdings snapshot's window as a constant, inside the
+        caller's transaction: whatever changes that meta value calls this in the same
+        transaction (no-op where the views read it from meta)."""
+        if not self.inline_snapshot_window:
+            return
+        for stmt in statements("views.sql"):
+            if SNAPSHOT_PLACEHOLDER in stmt:
+                self._execute(stmt.replace(SNAPSHOT_PLACEHOLDER, self._snapshot_window_sql()))
 
     def _create_table(self, name: str, s: pa.Schema) -> None:
         """DDL of one stored table; a backend may keep a SEGMENTED table otherwise (DuckDB)."""
@@ -342,15 +371,17 @@ class Storage(abc.ABC):
         return self.count("holdings_snapshot")
 
     def trade_rows_since_snapshot(self) -> int:
-        q = ("SELECT COUNT(*) AS n FROM trade_facts WHERE window_id > "
-             "(SELECT CAST(value AS BIGINT) FROM meta WHERE key = ?)")
-        return int(self._query(q, (schema.HOLDINGS_SNAPSHOT_KEY,))["n"][0].as_py())
+        # A constant, not a subquery: the scan then skips the windows before the snapshot.
+        return int(self._query("SELECT COUNT(*) AS n FROM trade_facts WHERE window_id > ?",
+                               (self._snapshot_window(),))["n"][0].as_py())
 
     def _put_meta(self, values: Mapping[str, str]) -> None:
         """Replace meta keys inside the caller's transaction."""
         for k, v in values.items():
             self._execute("DELETE FROM meta WHERE key = ?", (k,))
             self._append("meta", pa.table({"key": [k], "value": [v]}))
+        if schema.HOLDINGS_SNAPSHOT_KEY in values:
+            self._snapshot_views()
 
     def set_meta(self, values: Mapping[str, str]) -> None:
         """Set meta keys, in one transaction."""

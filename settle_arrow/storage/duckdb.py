@@ -88,6 +88,8 @@ _INSTANCES_LOCK = threading.RLock()  # _release runs under it when a cursor fail
 
 
 class DuckDBStorage(Storage):
+    inline_snapshot_window = True
+
     def __init__(self, path: str, read_only: bool = False):
         self.url = path
         self.read_only = read_only
