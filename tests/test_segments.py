@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from settle_arrow import open_target, replay, schema
+from settle_arrow import copy_target, open_target, replay, schema
 from settle_arrow.generate import MarketSpec, generate_market
 from settle_arrow.storage import open_storage
 from settle_arrow.storage.duckdb import SEGMENTS_DIR_SUFFIX, remove_target
@@ -154,10 +154,12 @@ def test_a_moved_target_reads_and_writes_at_its_new_place(tmp_path):
     assert not new.exists() and not Path(f"{new}{SEGMENTS_DIR_SUFFIX}").exists()
 
 
-def test_holdings_are_the_snapshot_plus_the_legs_since_it(new_target):
+def test_holdings_are_the_snapshot_plus_the_legs_since_it(new_target, tmp_path):
     """On both backends: a snapshot rewrite changes what holdings_legs counts (only windows
-    after the snapshot) but never what holdings_ids shows, and later windows add to it."""
-    storage = open_storage(new_target())
+    after the snapshot) but never what holdings_ids shows, and later windows add to it; a
+    copy into DuckDB (whose views take the snapshot's window as a constant) shows the same."""
+    source = new_target()
+    storage = open_storage(source)
 
     def holdings() -> dict[tuple[int, int], int]:
         t = storage.query("SELECT acct_id, sec_id, quantity FROM holdings_ids")
@@ -178,5 +180,12 @@ def test_holdings_are_the_snapshot_plus_the_legs_since_it(new_target):
         storage.commit_window(2, {"trade_facts": _with(_facts(1, 10), sec_id=7)}, _checkpoint(1), ())
         assert holdings() == {(1, 7): 101, (2, 7): 49}  # account 1 bought from itself
         assert storage.trade_rows_since_snapshot() == 1
+    finally:
+        storage.close()
+    copy = str(tmp_path / "copy.duckdb")
+    copy_target(source, copy)
+    storage = open_storage(copy, read_only=True)
+    try:
+        assert holdings() == {(1, 7): 101, (2, 7): 49} and legs() == 0  # only window 2: it nets out
     finally:
         storage.close()

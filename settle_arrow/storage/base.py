@@ -1,11 +1,13 @@
-"""The storage adapter: one interface, backends as small plugins (DuckDB now, PostgreSQL next).
+"""The storage adapter: one interface, backends as small plugins (DuckDB, PostgreSQL).
 
 Data model: a TARGET holds the physical tables of schema.STORAGE plus the views of
 sql/views.sql; `meta` maps key -> value (schema_version, opening_digest).
 
 A backend implements five primitives (`_execute`, `_query`, `_append`, transactions,
-`close`) and a type map; everything else (DDL from schema.py, the window commit, exports,
-compaction, verification) is written once here, so both backends behave identically.
+`close`) and a type map, and may refine two points: `_create_table` (DuckDB keeps the
+SEGMENTED tables as files) and `inline_snapshot_window`; everything else (DDL from
+schema.py, the window commit, exports, compaction, verification) is written once here, so
+both backends behave identically.
 
 Invariants: `commit_window` writes a window's appends (with those of its earlier pieces,
 which `stage_window` put in the same open transaction), its checkpoint row and source
