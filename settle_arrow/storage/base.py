@@ -162,8 +162,9 @@ class Storage(abc.ABC):
         # checkpoints).
         for name in sorted(schema.STORAGE, key=lambda n: n in schema.SEGMENTED):
             self._create_table(name, schema.STORAGE[name])
+        window_sql = self._snapshot_window_sql()
         for stmt in statements("views.sql"):
-            self._execute(stmt.replace(SNAPSHOT_PLACEHOLDER, self._snapshot_window_sql()))
+            self._execute(stmt.replace(SNAPSHOT_PLACEHOLDER, window_sql))
         self._append("meta", pa.table({"key": ["schema_version"], "value": [str(schema.SCHEMA_VERSION)]}))
 
     def _snapshot_window(self) -> int:
@@ -182,9 +183,10 @@ class Storage(abc.ABC):
         transaction (no-op where the views read it from meta)."""
         if not self.inline_snapshot_window:
             return
+        window_sql = self._snapshot_window_sql()
         for stmt in statements("views.sql"):
             if SNAPSHOT_PLACEHOLDER in stmt:
-                self._execute(stmt.replace(SNAPSHOT_PLACEHOLDER, self._snapshot_window_sql()))
+                self._execute(stmt.replace(SNAPSHOT_PLACEHOLDER, window_sql))
 
     def _create_table(self, name: str, s: pa.Schema) -> None:
         """DDL of one stored table; a backend may keep a SEGMENTED table otherwise (DuckDB)."""
