@@ -34,20 +34,21 @@ import numpy as np
 import polars as pl
 
 from settle_arrow import schema
+from settle_arrow.kernels import lower_bound_sorted
 
 DAY0 = (datetime.date(1990, 1, 1) - datetime.date(1970, 1, 1)).days
 TRADE_ID_BITS = 46
 DAY_BITS = 16
 MARKET_CODES = schema.MARKET_CODES
 assert len(MARKET_CODES) <= 1 << (64 - DAY_BITS - TRADE_ID_BITS), "market codes must fit their bits"
-# A run is probed through a sample of every SAMPLE_STRIDE-th key (SortedRuns._lower_bound)
-# when it holds at least SAMPLED_RUN_ROWS_MIN keys and SAMPLED_RUN_PROBE_RATIO keys per probe:
-# denser sorted probes share the upper levels of a plain bisection in cache and beat the
-# sample's five passes (measured, 200 k probes: 1.3 M keys 7.5 ms plain against 17 ms
-# sampled, 10 M keys 31 against 30 ms; 20 k probes: even at 1.25 M keys, 6.2 against 2.4 ms
-# at 10 M). The sample costs 1/SAMPLE_STRIDE of the keys' memory.
+# A run is probed through a sample of every SAMPLE_STRIDE-th key (kernels.lower_bound_sorted)
+# when it holds at least SAMPLED_RUN_ROWS_MIN keys and SAMPLED_RUN_PROBE_RATIO keys per
+# probe: sparse probes then search the sample, which stays in cache between windows, and
+# miss cache only inside their block; denser probes gallop through the run itself
+# (measured, 10 M keys: 200 k probes 11.6 ms plain against 15.6 sampled; 20 k probes 6.4
+# against 2.6). The sample costs 1/SAMPLE_STRIDE of the keys' memory.
 SAMPLED_RUN_ROWS_MIN = 1 << 16
-SAMPLED_RUN_PROBE_RATIO = 64
+SAMPLED_RUN_PROBE_RATIO = 128
 SAMPLE_STRIDE = 32
 # SortedRuns.find drops the probes a run answered once they are at least 1/this of those left.
 PROBE_DROP_SHARE_MIN = 4
@@ -206,30 +207,13 @@ class SortedRuns:
         return run_of, pos_of
 
     def _lower_bound(self, r: int, run_keys: np.ndarray, probe: np.ndarray) -> np.ndarray:
-        """np.searchsorted(run_keys, probe) for sorted probes; for few probes into a large
-        run through a sample of every SAMPLE_STRIDE-th key: the sample stays in cache between windows, so a
-        probe misses cache only inside its block, not at every level of a bisection of the
-        whole run (measured, 10 M keys: 20 k probes 8.6 -> 2.1 ms, 200 k 40 -> 25 ms)."""
+        """np.searchsorted(run_keys, probe) for sorted probes (see SAMPLED_RUN_PROBE_RATIO)."""
         if len(run_keys) < max(SAMPLED_RUN_ROWS_MIN, SAMPLED_RUN_PROBE_RATIO * len(probe)):
-            return np.searchsorted(run_keys, probe)
+            return lower_bound_sorted(run_keys, probe)
         cached = self._samples.get(r)
         if cached is None or cached[0] is not run_keys:
             cached = self._samples[r] = (run_keys, run_keys[::SAMPLE_STRIDE].copy())
-        last = len(run_keys) - 1
-        # Branchless bisection inside each probe's block, all probes at once, into
-        # preallocated arrays: base ends at the last key below the probe (or the block start).
-        base = np.maximum(np.searchsorted(cached[1], probe, "right") - 1, 0) * SAMPLE_STRIDE
-        at, key, below = np.empty_like(base), np.empty_like(probe), np.empty(len(probe), dtype=bool)
-        size = SAMPLE_STRIDE
-        while size > 1:
-            half = size // 2
-            np.minimum(base + half, last, out=at)
-            np.take(run_keys, at, out=key)
-            np.less(key, probe, out=below)
-            np.copyto(base, at, where=below)
-            size -= half
-        np.take(run_keys, np.minimum(base, last), out=key)
-        return np.minimum(base + (key < probe), len(run_keys))
+        return lower_bound_sorted(run_keys, probe, cached[1], SAMPLE_STRIDE)
 
     def contains(self, keys: np.ndarray) -> np.ndarray:
         return self.find(keys)[0] >= 0

@@ -72,23 +72,6 @@ def test_trade_keys_are_day_major_and_distinct():
 
 
 @settings(max_examples=200, deadline=None)
-@given(keys=st.sets(st.integers(0, 2**62), min_size=1, max_size=300),
-       probe=st.lists(st.integers(0, 2**62 + 5), max_size=100),
-       stride=st.sampled_from([1, 2, 5, 16, 32, 64]), dtype=st.sampled_from([np.int64, np.uint64]),
-       shift=st.sampled_from([0, -(2**62)]))
-def test_sampled_lower_bound_is_searchsorted(keys, probe, stride, dtype, shift):
-    """The sampled bisection equals np.searchsorted for any probes, inside the run or not,
-    for signed (holdings) and unsigned (trade) keys."""
-    shift = shift if dtype is np.int64 else 0
-    run = np.array(sorted(k + shift for k in keys), dtype=dtype)
-    p = np.array([k + shift for k in probe], dtype=dtype)
-    runs = SortedRuns(dtype)
-    with mock.patch.object(state, "SAMPLED_RUN_ROWS_MIN", 1), mock.patch.object(state, "SAMPLED_RUN_PROBE_RATIO", 0), \
-            mock.patch.object(state, "SAMPLE_STRIDE", stride):
-        assert np.array_equal(runs._lower_bound(0, run, p), np.searchsorted(run, p))
-
-
-@settings(max_examples=200, deadline=None)
 @given(keys=st.lists(st.one_of(st.integers(0, 40), st.integers(0, (1 << 63) - 1), st.integers(-(1 << 63), -1)),
                      max_size=300),
        narrow=st.booleans())
