@@ -34,14 +34,14 @@ import numpy as np
 import polars as pl
 
 from settle_arrow import schema
-from settle_arrow.kernels import lower_bound_sorted
+from settle_arrow.kernels import find_in_run
 
 DAY0 = (datetime.date(1990, 1, 1) - datetime.date(1970, 1, 1)).days
 TRADE_ID_BITS = 46
 DAY_BITS = 16
 MARKET_CODES = schema.MARKET_CODES
 assert len(MARKET_CODES) <= 1 << (64 - DAY_BITS - TRADE_ID_BITS), "market codes must fit their bits"
-# A run is probed through a sample of every SAMPLE_STRIDE-th key (kernels.lower_bound_sorted)
+# A run is probed through a sample of every SAMPLE_STRIDE-th key (kernels.find_in_run)
 # when it holds at least SAMPLED_RUN_ROWS_MIN keys and SAMPLED_RUN_PROBE_RATIO keys per
 # probe: sparse probes then search the sample, which stays in cache between windows, and
 # miss cache only inside their block; denser probes gallop through the run itself
@@ -50,8 +50,6 @@ assert len(MARKET_CODES) <= 1 << (64 - DAY_BITS - TRADE_ID_BITS), "market codes 
 SAMPLED_RUN_ROWS_MIN = 1 << 16
 SAMPLED_RUN_PROBE_RATIO = 128
 SAMPLE_STRIDE = 32
-# SortedRuns.find drops the probes a run answered once they are at least 1/this of those left.
-PROBE_DROP_SHARE_MIN = 4
 # Freeze sizes (see SortedRuns): merges copy at most ~2x these many keys at any stream length.
 SEEN_FROZEN_ROWS = 8_000_000  # 64 MB of keys per frozen run
 ACCEPTED_FROZEN_ROWS = 2_000_000  # 88 MB of keys and payload per frozen run
@@ -149,7 +147,7 @@ class SortedRuns:
         # touched (they count in this process's memory until released).
         self._maps: dict[int, list[mmap.mmap]] = {}
         self._resident: set[int] = set()
-        # Run index -> (that run's keys, every SAMPLE_STRIDE-th of them): see _lower_bound.
+        # Run index -> (that run's keys, every SAMPLE_STRIDE-th of them): see _sample.
         self._samples: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         # Bumped on every change: positions found at one version stay valid until the next.
         self.version = 0
@@ -167,12 +165,15 @@ class SortedRuns:
         # Sorted probes walk the run in cache order (PERF_NOTES: ~5x faster than random);
         # probes that come sorted (registration, recovery) skip the sort.
         if bool((keys[1:] >= keys[:-1]).all()):
-            order, probe = np.arange(len(keys)), keys
+            order, probe = None, keys
         else:
             # Unstable (SIMD) sort, 2.4x faster: answers go back by position, so the order
             # among equal probes does not matter.
             order = np.argsort(keys)
             probe = keys[order]
+        # Answers in the probes' sorted order first, moved to the keys' order at the end.
+        run_s = run_of if order is None else np.full(len(keys), -1, dtype=np.int64)
+        pos_s = pos_of if order is None else np.zeros(len(keys), dtype=np.int64)
         for r, (run_keys, _) in enumerate(self.runs):
             if not len(run_keys):
                 continue
@@ -189,31 +190,19 @@ class SortedRuns:
                 continue
             if r in self._maps:
                 self._resident.add(r)
-            inside = probe[lo:hi]
-            pos = np.minimum(self._lower_bound(r, run_keys, inside), len(run_keys) - 1)
-            hit = run_keys[pos] == inside
-            found = order[lo:hi][hit]
-            run_of[found] = r
-            pos_of[found] = pos[hit]
-            if PROBE_DROP_SHARE_MIN * len(found) >= len(probe):
-                # Keys are unique across runs: a key found here is in no later run, so those
-                # probes are dropped (holdings: half of a window's probes hit the oldest,
-                # largest run, and only the rest probe the newer ones; 200 k probes of runs of
-                # 10 M, 1.3 M and 0.6 M keys: 60 -> 50 ms, measured). Below that share, the copy
-                # costs more than the probes it saves.
-                keep = np.ones(len(probe), dtype=bool)
-                keep[lo + np.flatnonzero(hit)] = False
-                probe, order = probe[keep], order[keep]
+            find_in_run(run_keys, probe, lo, hi, r, run_s, pos_s, *self._sample(r, run_keys, hi - lo))
+        if order is not None:
+            run_of[order], pos_of[order] = run_s, pos_s
         return run_of, pos_of
 
-    def _lower_bound(self, r: int, run_keys: np.ndarray, probe: np.ndarray) -> np.ndarray:
-        """np.searchsorted(run_keys, probe) for sorted probes (see SAMPLED_RUN_PROBE_RATIO)."""
-        if len(run_keys) < max(SAMPLED_RUN_ROWS_MIN, SAMPLED_RUN_PROBE_RATIO * len(probe)):
-            return lower_bound_sorted(run_keys, probe)
+    def _sample(self, r: int, run_keys: np.ndarray, probes: int) -> tuple[np.ndarray | None, int]:
+        """(sample, stride) to search run r through, or (None, 1): see SAMPLED_RUN_PROBE_RATIO."""
+        if len(run_keys) < max(SAMPLED_RUN_ROWS_MIN, SAMPLED_RUN_PROBE_RATIO * probes):
+            return None, 1
         cached = self._samples.get(r)
         if cached is None or cached[0] is not run_keys:
             cached = self._samples[r] = (run_keys, run_keys[::SAMPLE_STRIDE].copy())
-        return lower_bound_sorted(run_keys, probe, cached[1], SAMPLE_STRIDE)
+        return cached[1], SAMPLE_STRIDE
 
     def contains(self, keys: np.ndarray) -> np.ndarray:
         return self.find(keys)[0] >= 0

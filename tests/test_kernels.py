@@ -3,66 +3,69 @@ it accepts, for every dtype it is called with; and refuses the inputs it does no
 
 from __future__ import annotations
 
-from unittest import mock
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from settle_arrow import state
-from settle_arrow.kernels import lower_bound_sorted
-from settle_arrow.state import SortedRuns
+from settle_arrow.kernels import find_in_run
 
 U64_MAX = (1 << 64) - 1
+
+
+def _numpy_find(run, probe, lo, hi, r, run_of, pos_of):
+    """find_in_run's definition in numpy."""
+    run_of, pos_of = run_of.copy(), pos_of.copy()
+    pos = np.searchsorted(run, probe)
+    hit = np.zeros(len(probe), dtype=bool)
+    if len(run):
+        hit = run[np.minimum(pos, len(run) - 1)] == probe
+    hit &= (np.arange(len(probe)) >= lo) & (np.arange(len(probe)) < hi) & (run_of < 0)
+    run_of[hit], pos_of[hit] = r, pos[hit]
+    return run_of, pos_of
 
 
 @settings(max_examples=300, deadline=None)
 @given(keys=st.sets(st.one_of(st.integers(0, 60), st.integers(0, U64_MAX)), max_size=300),
        probe=st.lists(st.one_of(st.integers(0, 65), st.integers(0, U64_MAX)), max_size=100),
        stride=st.one_of(st.none(), st.sampled_from([1, 2, 5, 16, 32, 64])),
-       dtype=st.sampled_from([np.int64, np.uint64]))
-def test_lower_bound_sorted_is_searchsorted(keys, probe, stride, dtype):
-    """Galloping, through a sample or not, equals np.searchsorted for sorted probes inside
-    the run or not, repeated or not: signed keys (holdings) take the whole int64 range,
-    unsigned ones (trade keys) the whole uint64 range."""
+       dtype=st.sampled_from([np.int64, np.uint64]), data=st.data())
+def test_find_in_run_is_searchsorted(keys, probe, stride, dtype, data):
+    """Galloping, through a sample or not, equals searchsorted-and-compare for sorted probes
+    inside the run or not, repeated or not, within any probe range, skipping probes an
+    earlier run answered: signed keys (holdings) over the whole int64 range, unsigned ones
+    (trade keys) over the whole uint64 range."""
     shift = -(1 << 63) if dtype is np.int64 else 0  # maps 0..2^64-1 onto int64's range
     run = np.array(sorted(k + shift for k in keys), dtype=dtype)
     p = np.array(sorted(k + shift for k in probe), dtype=dtype)
+    lo = data.draw(st.integers(0, len(p)))
+    hi = data.draw(st.integers(lo, len(p)))
+    earlier = np.array(data.draw(st.lists(st.sampled_from([-1, 0]), min_size=len(p), max_size=len(p))), dtype=np.int64)
+    run_of, pos_of = earlier.copy(), np.zeros(len(p), dtype=np.int64)
     sample = None if stride is None else run[::stride].copy()
-    got = lower_bound_sorted(run, p, sample, stride or 0)
-    assert np.array_equal(got, np.searchsorted(run, p))
+    find_in_run(run, p, lo, hi, 3, run_of, pos_of, sample, stride or 1)
+    want_run, want_pos = _numpy_find(run, p, lo, hi, 3, earlier, np.zeros(len(p), dtype=np.int64))
+    assert np.array_equal(run_of, want_run) and np.array_equal(pos_of, want_pos)
 
 
-@settings(max_examples=100, deadline=None)
-@given(keys=st.sets(st.integers(-(2**40), 2**40), min_size=1, max_size=300),
-       probe=st.lists(st.integers(-(2**40) - 5, 2**40 + 5), max_size=100),
-       stride=st.sampled_from([1, 3, 32]))
-def test_sorted_runs_lower_bound_takes_either_path(keys, probe, stride):
-    """SortedRuns._lower_bound equals searchsorted through the sampled path too (the rule
-    that picks it patched so that these small runs take it)."""
-    run = np.array(sorted(keys), dtype=np.int64)
-    p = np.sort(np.array(probe, dtype=np.int64))
-    runs = SortedRuns(np.int64)
-    assert np.array_equal(runs._lower_bound(0, run, p), np.searchsorted(run, p))
-    with mock.patch.object(state, "SAMPLED_RUN_ROWS_MIN", 1), mock.patch.object(state, "SAMPLED_RUN_PROBE_RATIO", 0), \
-            mock.patch.object(state, "SAMPLE_STRIDE", stride):
-        assert np.array_equal(runs._lower_bound(0, run, p), np.searchsorted(run, p))
-
-
-def test_lower_bound_sorted_refuses_unsorted_probes_and_mixed_dtypes():
+def test_find_in_run_refuses_unsorted_probes_and_mixed_dtypes():
     run = np.arange(0, 100, 3, dtype=np.int64)
+    out = np.full(2, -1, dtype=np.int64), np.zeros(2, dtype=np.int64)
     with pytest.raises(ValueError, match="sorted"):
-        lower_bound_sorted(run, np.array([5, 4], dtype=np.int64))
+        find_in_run(run, np.array([5, 4], dtype=np.int64), 0, 2, 0, *out)
     with pytest.raises(ValueError, match="sorted"):
-        lower_bound_sorted(run, np.array([5, 4], dtype=np.int64), run[::4].copy(), 4)
+        find_in_run(run, np.array([5, 4], dtype=np.int64), 0, 2, 0, *out, run[::4].copy(), 4)
     with pytest.raises(AssertionError, match="dtype"):
-        lower_bound_sorted(run, np.array([5], dtype=np.uint64))
+        find_in_run(run, np.array([5, 6], dtype=np.uint64), 0, 2, 0, *out)
+    with pytest.raises(AssertionError, match="sample"):
+        find_in_run(run, np.array([5, 6], dtype=np.int64), 0, 2, 0, *out, run[::4].copy(), 3)
 
 
-def test_lower_bound_sorted_reads_read_only_runs():
+def test_find_in_run_reads_read_only_runs():
     """Frozen runs are spilled and mapped read-only: the kernel takes them as they are."""
     run = np.arange(0, 1000, 7, dtype=np.uint64)
     run.flags.writeable = False
-    p = np.array([0, 6, 7, 8, 999, 5000], dtype=np.uint64)
-    assert np.array_equal(lower_bound_sorted(run, p), np.searchsorted(run, p))
+    p = np.array([0, 6, 7, 8, 994, 5000], dtype=np.uint64)
+    run_of, pos_of = np.full(len(p), -1, dtype=np.int64), np.zeros(len(p), dtype=np.int64)
+    find_in_run(run, p, 0, len(p), 0, run_of, pos_of)
+    assert run_of.tolist() == [0, -1, 0, -1, 0, -1] and pos_of.tolist() == [0, 0, 1, 0, 142, 0]
