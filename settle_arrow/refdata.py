@@ -161,6 +161,17 @@ class RefData:
         the opening holdings' uniqueness check's."""
         return max(1, self.securities.height)
 
+    @functools.cached_property
+    def security_classes(self) -> tuple[np.ndarray, pl.DataFrame]:
+        """(class of each sec_idx, the classes): securities that share market, security
+        type and both settlement cycles are charged and settled alike, so clearing computes
+        fees and dates per (class, trade date) instead of per trade."""
+        cols = ["market", "security_type", "securities_cycle", "cash_cycle"]
+        classes = self.securities.select(cols).unique(maintain_order=True).with_row_index("cls")
+        of_sec = self.securities.select(cols).join(classes, on=cols, how="left", maintain_order="left")["cls"]
+        assert of_sec.null_count() == 0
+        return of_sec.to_numpy().astype(np.int64), classes.drop("cls")
+
     def sec_idx(self, keys: pl.DataFrame) -> pl.Series:
         """sec_idx of each (market, security_id) row of `keys`, in order; null where unknown."""
         return keys.select("market", "security_id").join(

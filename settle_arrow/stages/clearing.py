@@ -52,13 +52,34 @@ def _fee_slots(ref: RefData, regimes: pl.DataFrame) -> pl.DataFrame:
     ).with_columns(pl.int_range(pl.len()).over("regime", "side", "fee_col").alias("slot"))
 
 
-def _fees(ref: RefData, t: pl.DataFrame, amount: np.ndarray) -> dict[str, np.ndarray]:
-    regimes = t.select("market", "security_type", "trade_date").unique(maintain_order=True).with_row_index("regime")
-    regime = t.join(regimes, on=["market", "security_type", "trade_date"], how="left", maintain_order="left")[
-        "regime"
-    ].to_numpy()
-    slots = _fee_slots(ref, regimes)
-    out = {f"{side}_{col}": np.zeros(len(t), dtype=np.int64) for side in ("buy", "sell") for col in FEE_COLS}
+def _regimes(ref: RefData, sec_idx: np.ndarray, trade_date: pl.Series) -> tuple[np.ndarray, pl.DataFrame]:
+    """(regime of each row, the regimes): a regime is a (security class, trade date), all
+    that fees and settlement dates depend on besides the amount. Integer keys and no join
+    (measured, 100 k rows: a unique and a join on the strings took 16 ms)."""
+    cls_of_sec, classes = ref.security_classes
+    day = trade_date.cast(pl.Int32).to_numpy().astype(np.int64)
+    if not len(day):
+        return np.zeros(0, np.int64), classes.clear().with_columns(pl.lit(None, dtype=pl.Date).alias("trade_date"))
+    day_min = int(day.min())
+    span = int(day.max()) - day_min + 1
+    key = cls_of_sec[sec_idx] * span + (day - day_min)
+    if classes.height * span <= 4 * len(key):  # dense: a presence table, no sort
+        present = np.zeros(classes.height * span, dtype=bool)
+        present[key] = True
+        keys = np.flatnonzero(present)
+        rank = np.cumsum(present) - 1
+        regime = rank[key]
+    else:
+        keys, regime = np.unique(key, return_inverse=True)
+    regimes = classes[keys // span].with_columns(
+        pl.Series("trade_date", (keys % span + day_min).astype(np.int32)).cast(pl.Date)
+    )
+    return regime, regimes
+
+
+def _fees(ref: RefData, regimes: pl.DataFrame, regime: np.ndarray, amount: np.ndarray) -> dict[str, np.ndarray]:
+    slots = _fee_slots(ref, regimes.with_row_index("regime"))
+    out = {f"{side}_{col}": np.zeros(len(regime), dtype=np.int64) for side in ("buy", "sell") for col in FEE_COLS}
     n_regimes = regimes.height
     # One vectorised pass per (side, fee code, slot): the loop is over the fee schedule's
     # shape (a handful of entries), never over trades.
@@ -69,26 +90,23 @@ def _fees(ref: RefData, t: pl.DataFrame, amount: np.ndarray) -> dict[str, np.nda
     return out
 
 
-def _settle_dates(ref: RefData, t: pl.DataFrame) -> pl.DataFrame:
-    """t + securities/cash settlement dates; null where the market's calendar ends first
-    (raised as CalendarError only for a trade that is accepted: see Clear.process)."""
-    combos = t.select("market", "trade_date", "securities_cycle", "cash_cycle").unique()
-    days = combos["trade_date"].cast(pl.Int32).to_numpy()
+def _settle_dates(ref: RefData, regimes: pl.DataFrame) -> dict[str, np.ndarray]:
+    """Securities/cash settlement date (days since 1970) of each regime; -1 where the
+    market's calendar ends first (raised as CalendarError only for a trade that is
+    accepted: see Clear.process)."""
+    days = regimes["trade_date"].cast(pl.Int32).to_numpy()
     cycle_of = {"securities_settle_date": "securities_cycle", "cash_settle_date": "cash_cycle"}
-    dates = {name: np.full(combos.height, -1, np.int32) for name in cycle_of}
-    markets = combos["market"].to_numpy()
+    dates = {name: np.full(regimes.height, -1, np.int32) for name in cycle_of}
+    markets = regimes["market"].to_numpy()
     for m in np.unique(markets):
         cal = ref.business_days(m)
         sel = markets == m
         base = np.searchsorted(cal, days[sel])
         for name, out in dates.items():
-            idx = base + combos[cycle_of[name]].to_numpy()[sel]
+            idx = base + regimes[cycle_of[name]].to_numpy()[sel]
             inside = idx < len(cal)
             out[np.flatnonzero(sel)[inside]] = cal[idx[inside]]
-    combos = combos.with_columns(pl.Series(name, out) for name, out in dates.items()).with_columns(
-        pl.when(pl.col(name) >= 0).then(pl.col(name).cast(pl.Date)).alias(name) for name in dates
-    )
-    return t.join(combos, on=["market", "trade_date", "securities_cycle", "cash_cycle"], how="left", maintain_order="left")
+    return dates
 
 
 def _require_settle_dates(t: pl.DataFrame) -> None:
@@ -169,9 +187,12 @@ _INPUTS = ("seq", "sec_idx", "price_milli", "quantity", "buy_unit_idx", "sell_un
 def _per_trade(ref: RefData, t: pl.DataFrame) -> pl.DataFrame:
     """_PER_TRADE, plus seq, for rows (columns _INPUTS) that passed every stateless check."""
     info = ref.securities.select("security_type", "currency", "securities_cycle", "cash_cycle")
-    t = pl.concat([t, info[t["sec_idx"].to_numpy()] if t.height else info.clear()], how="horizontal")
+    sec_idx = t["sec_idx"].to_numpy()
+    t = pl.concat([t, info[sec_idx] if t.height else info.clear()], how="horizontal")
     amount = money.amount_fen(t["price_milli"].to_numpy(), t["quantity"].to_numpy()) if t.height else np.zeros(0, np.int64)
-    fees = _fees(ref, t, amount) if t.height else {c: np.zeros(0, np.int64) for c in _SIGNED[1:]}
+    regime, regimes = _regimes(ref, sec_idx, t["trade_date"])
+    fees = _fees(ref, regimes, regime, amount)
+    dates = _settle_dates(ref, regimes)
     parts = ref.participants["participant_id"]
     buy_part = ref.unit_participant[t["buy_unit_idx"].to_numpy()]
     sell_part = ref.unit_participant[t["sell_unit_idx"].to_numpy()]
@@ -181,8 +202,9 @@ def _per_trade(ref: RefData, t: pl.DataFrame) -> pl.DataFrame:
         pl.Series("buy_part_idx", buy_part), pl.Series("sell_part_idx", sell_part),
         parts.gather(buy_part).alias("buy_participant"),
         parts.gather(sell_part).alias("sell_participant"),
-    )
-    return _settle_dates(ref, t).select("seq", *_PER_TRADE)
+        *[pl.Series(name, d[regime]) for name, d in dates.items()],
+    ).with_columns(pl.when(pl.col(name) >= 0).then(pl.col(name).cast(pl.Date)).alias(name) for name in dates)
+    return t.select("seq", *_PER_TRADE)
 
 
 @dataclasses.dataclass(frozen=True)
