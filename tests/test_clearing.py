@@ -1,6 +1,8 @@
-"""Clearing's regimes (stages/clearing.py): each row's regime names exactly its security's
-market, type and cycles and its trade date, and no regime appears twice, whether the
-window's dates are dense (presence table) or far apart (sorted unique)."""
+"""Clearing (stages/clearing.py): each row's regime names exactly its security's market,
+type and cycles and its trade date, and no regime appears twice, whether the window's
+dates are dense (presence table) or far apart (sorted unique); cash netting is exact in
+int64 and, where sums could leave int64, in int128, and refuses what decimal(18,2) cannot
+hold."""
 
 from __future__ import annotations
 
@@ -9,13 +11,21 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from settle_arrow.engine import STAGES, _windows
+from settle_arrow.errors import UserError
+from settle_arrow.io.files import discover
+from settle_arrow.money import FEN_DECIMAL18_MAX
 from settle_arrow.refdata import load_refdata
-from settle_arrow.stages.clearing import _regimes
+from settle_arrow.stages.base import StageContext, Window
+from settle_arrow.stages.clearing import FEE_COLS, _obligations, _regimes
+from settle_arrow.state import EngineState
 
-REF = load_refdata(str(Path(__file__).parents[1] / "data" / "samples" / "refdata"))
+SAMPLE = Path(__file__).parents[1] / "data" / "samples"
+REF = load_refdata(str(SAMPLE / "refdata"))
 COLS = ["market", "security_type", "securities_cycle", "cash_cycle"]
 
 
@@ -30,3 +40,63 @@ def test_each_row_finds_its_own_regime(rows):
     assert regimes.select(COLS + ["trade_date"]).is_duplicated().sum() == 0
     want = REF.securities.select(COLS)[sec_idx].with_columns(dates.alias("trade_date"))
     assert regimes.select(COLS + ["trade_date"])[regime].equals(want)
+
+
+
+def _cleared() -> pl.DataFrame:
+    """The sample market (5,000 trades) as one window, through every stage."""
+    raw = next(_windows(discover([str(SAMPLE / "trades")]), {}, 8000))
+    window = Window(window_id=1, frames={"input": raw.frame})
+    ctx = StageContext(refdata=REF, state=EngineState(n_sec=REF.n_sec))
+    for stage in STAGES:
+        window = stage.process(window, ctx)
+    return window.frames["cleared"]
+
+
+def _net_amount_by_python(c: pl.DataFrame) -> dict[tuple, int]:
+    out: dict[tuple, int] = {}
+    for r in c.iter_rows(named=True):
+        for side, sign in (("buy", -1), ("sell", 1)):
+            key = (r["market"], r["trade_date"], r["cash_settle_date"], r[f"{side}_participant"], r["currency"])
+            fees = sum(r[f"{side}_{f}"] for f in FEE_COLS)
+            out[key] = out.get(key, 0) + sign * r["amount_fen"] - fees
+    return out
+
+
+@pytest.mark.parametrize("huge_rows", [1, 0])
+def test_cash_netting_is_exact_when_sums_could_leave_int64(huge_rows):
+    """One trade of 10^15 fen among the sample's makes max |amount| x legs exceed 2^63, so the sums
+    run in int128; without it they run in int64. Either way they equal Python's integers."""
+    c = _cleared()
+    assert c.height * 2 * 10**15 >= 1 << 63
+    c = c.with_columns(pl.when(pl.int_range(pl.len()) < huge_rows).then(pl.lit(10**15)).otherwise("amount_fen")
+                       .alias("amount_fen"))
+    _, cash = _obligations(c, REF)
+    got = {(r["market"], r["trade_date"], r["cash_settle_date"], r["participant_id"], r["currency"]): r["net_amount"]
+           for r in cash.iter_rows(named=True)}
+    assert got == _net_amount_by_python(c)
+
+
+def test_cash_netting_refuses_sums_beyond_decimal18():
+    c = _cleared()
+    c = c.with_columns(pl.lit(10**17, dtype=pl.Int64).alias("amount_fen"))
+    assert c.height * 10**17 > 100 * FEN_DECIMAL18_MAX  # > 10^18 fen per key, with up to 100 keys
+    with pytest.raises(UserError, match="decimal"):
+        _obligations(c, REF)
+
+
+def test_cash_netting_never_wraps():
+    """Four trades of 2^62 fen on one key sum to 2^64, which int64 would wrap to 0 (and pass
+    the decimal(18,2) check); int128 sums see it and refuse it."""
+    c = _cleared().head(4)
+    first = c.row(0, named=True)
+    c = c.with_columns(
+        *[pl.lit(first[col], dtype=c.schema[col]).alias(col)
+          for col in ("trade_date", "cash_settle_date", "securities_settle_date", "sec_idx", "market", "currency")],
+        pl.lit(first["buy_part_idx"], dtype=c.schema["buy_part_idx"]).alias("sell_part_idx"),
+        pl.lit(first["buy_part_idx"], dtype=c.schema["buy_part_idx"]).alias("buy_part_idx"),
+        pl.lit(1 << 62, dtype=pl.Int64).alias("amount_fen"),
+        *[pl.lit(0, dtype=pl.Int64).alias(f"{side}_{f}") for side in ("buy", "sell") for f in FEE_COLS],
+    )
+    with pytest.raises(UserError, match="decimal"):
+        _obligations(c, REF)

