@@ -70,4 +70,3 @@ def find_in_run(run: np.ndarray, probe: np.ndarray, lo: int, hi: int, r: int, ru
     assert stride > 0 and len(sample) == -(-len(run) // stride), "sample must be run[::stride]"
     if lo < hi and len(run):
         _find_in_run(run, sample, stride, probe, lo, hi, r, run_of, pos_of)
-

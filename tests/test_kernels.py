@@ -69,4 +69,3 @@ def test_find_in_run_reads_read_only_runs():
     run_of, pos_of = np.full(len(p), -1, dtype=np.int64), np.zeros(len(p), dtype=np.int64)
     find_in_run(run, p, 0, len(p), 0, run_of, pos_of)
     assert run_of.tolist() == [0, -1, 0, -1, 0, -1] and pos_of.tolist() == [0, 0, 1, 0, 142, 0]
-
