@@ -33,6 +33,7 @@ from settle_arrow.dims import opening_ids, sync_dims, trade_facts, with_sources
 from settle_arrow.errors import SelfCheckError, UserError
 from settle_arrow.io.files import SourceError, SourceFile, discover, read_batches, read_schema
 from settle_arrow.io.parse import ColumnTypeError, coerce, to_text
+from settle_arrow.kernel_loader import load_in_background
 from settle_arrow.pipeline import CommitLane, prefetch
 from settle_arrow.recovery import recover
 from settle_arrow.refdata import RefData, RefDataError, load_refdata
@@ -393,6 +394,7 @@ def replay(
     """Replay trade files into TARGET (the library call the CLI `replay` wraps)."""
     if not batch and not 1 <= window_rows <= WINDOW_ROWS_MAX:
         raise UserError(f"window size must be between 1 and {WINDOW_ROWS_MAX:,} rows")
+    load_in_background()  # the compiled kernels load while reference data and state do
     sources = discover(paths)
     for src in sources:
         _check_columns(src)

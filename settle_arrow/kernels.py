@@ -70,3 +70,17 @@ def find_in_run(run: np.ndarray, probe: np.ndarray, lo: int, hi: int, r: int, ru
     assert stride > 0 and len(sample) == -(-len(run) // stride), "sample must be run[::stride]"
     if lo < hi and len(run):
         _find_in_run(run, sample, stride, probe, lo, hi, r, run_of, pos_of)
+
+
+def warm() -> None:
+    """Load every kernel for each argument type the engine passes (signed holding keys,
+    unsigned trade keys, writable or spilled read-only runs): each loads once, from the
+    on-disk cache or compiled on a first run."""
+    for dtype in (np.int64, np.uint64):
+        for writable in (True, False):
+            run = np.arange(4, dtype=dtype)
+            run.flags.writeable = writable
+            probe = np.arange(2, dtype=dtype)
+            for sample, stride in ((None, 1), (run[::2].copy(), 2)):
+                find_in_run(run, probe, 0, 2, 0, np.full(2, -1, dtype=np.int64), np.zeros(2, dtype=np.int64),
+                            sample, stride)

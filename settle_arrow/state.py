@@ -34,7 +34,6 @@ import numpy as np
 import polars as pl
 
 from settle_arrow import schema
-from settle_arrow.kernels import find_in_run
 
 DAY0 = (datetime.date(1990, 1, 1) - datetime.date(1970, 1, 1)).days
 TRADE_ID_BITS = 46
@@ -171,6 +170,10 @@ class SortedRuns:
             # among equal probes does not matter.
             order = np.argsort(keys)
             probe = keys[order]
+        # Imported here, not with this module: numba and the compiled code load in a
+        # background thread at start-up (kernels.load_in_background), off the restart's path.
+        from settle_arrow.kernels import find_in_run
+
         # Answers in the probes' sorted order first, moved to the keys' order at the end.
         run_s = run_of if order is None else np.full(len(keys), -1, dtype=np.int64)
         pos_s = pos_of if order is None else np.zeros(len(keys), dtype=np.int64)

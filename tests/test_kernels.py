@@ -69,3 +69,28 @@ def test_find_in_run_reads_read_only_runs():
     run_of, pos_of = np.full(len(p), -1, dtype=np.int64), np.zeros(len(p), dtype=np.int64)
     find_in_run(run, p, 0, len(p), 0, run_of, pos_of)
     assert run_of.tolist() == [0, -1, 0, -1, 0, -1] and pos_of.tolist() == [0, 0, 1, 0, 142, 0]
+
+
+def test_warm_loads_every_type_the_state_passes(tmp_path):
+    """After kernels.warm(), finds over hot and spilled (read-only) runs of signed and
+    unsigned keys, sampled or not, compile nothing more: the background load at start-up
+    covers them all, so no window waits on a compile."""
+    from unittest import mock
+
+    from settle_arrow import kernels, state
+    from settle_arrow.state import SortedRuns
+
+    kernels.warm()
+    loaded = set(kernels._find_in_run.signatures)
+    for dtype in (np.int64, np.uint64):
+        runs = SortedRuns(dtype, frozen_rows_min=4, spill_dir=str(tmp_path))
+        runs.insert(np.arange(0, 40, 2, dtype=dtype))  # frozen and spilled: read-only
+        runs.insert(np.arange(1, 4, 2, dtype=dtype))  # hot: writable
+        assert runs.n_frozen == 1 and not runs.runs[0][0].flags.writeable
+        probe = np.arange(0, 40, dtype=dtype)
+        for ratio in (state.SAMPLED_RUN_PROBE_RATIO, 0):
+            with mock.patch.object(state, "SAMPLED_RUN_ROWS_MIN", 1), \
+                    mock.patch.object(state, "SAMPLED_RUN_PROBE_RATIO", ratio):
+                run_of, _ = runs.find(probe)
+            assert (run_of >= 0).sum() == 22
+    assert set(kernels._find_in_run.signatures) == loaded
