@@ -171,7 +171,7 @@ class SortedRuns:
             order = np.argsort(keys)
             probe = keys[order]
         # Imported here, not with this module: numba and the compiled code load in a
-        # background thread at start-up (kernels.load_in_background), off the restart's path.
+        # background thread at start-up (kernel_loader.load_in_background), off the restart's path.
         from settle_arrow.kernels import find_in_run
 
         # Answers in the probes' sorted order first, moved to the keys' order at the end.
