@@ -168,10 +168,14 @@ def test_opening_load_ignores_row_order(tmp_path_factory, monkeypatch, keys, ord
         with pytest.raises(RefDataError, match=f"^holdings: {what} is not defined$"):
             loaded.opening  # noqa: B018
         return
-    accounts = loaded.account_index.values(loaded.opening["acct_idx"].to_numpy()).to_list()
-    securities = loaded.securities["security_id"].gather(loaded.opening["sec_idx"]).to_list()
-    got = list(zip(accounts, securities, loaded.opening["quantity"].to_list(), strict=True))
-    assert got == [(a, s, q) for a, _, s, q in rows]
+    opening = loaded.opening
+    accounts = loaded.account_index.values(opening["acct_idx"].to_numpy()).to_list()
+    securities = loaded.securities["security_id"].gather(opening["sec_idx"]).to_list()
+    got = list(zip(accounts, securities, opening["quantity"].to_list(), strict=True))
+    assert sorted(got) == sorted((a, s, q) for a, _, s, q in rows)
+    # In key order, whatever the file's: the stored snapshot and EngineState keep it so.
+    keys = list(zip(opening["acct_idx"].to_list(), opening["sec_idx"].to_list(), strict=True))
+    assert keys == sorted(keys)
 
 
 def _count(db: str, name: str) -> int:
@@ -361,3 +365,52 @@ def test_restart_refused_when_a_held_key_left_the_reference_data(started, droppe
     with pytest.raises(RefDataError, match="no longer defines that account or security"):
         replay([str(t1), str(t2)], str(ref), db, window_rows=1)
     assert holdings(db) == AFTER_FIRST
+
+
+@given(keys=st.lists(st.integers(0, 2**62), max_size=200), wide=st.booleans())
+def test_sort_order_is_a_stable_argsort(keys, wide):
+    """The opening's key order: row numbers packed under the keys when they fit, an argsort
+    when not (`wide` adds a key too large to pack); either way np.argsort's stable answer."""
+    import numpy as np
+
+    if wide:
+        keys = [*keys, 2**63 - 1]
+    key = np.array(keys, dtype=np.int64)
+    assert refdata_module._sort_order(key).tolist() == np.argsort(key, kind="stable").tolist()
+
+
+@pytest.mark.parametrize("file_order", ["by security", "by account"])
+def test_opening_snapshot_in_key_order(tmp_path, new_target, file_order):
+    """Whatever the file's row order, the first holdings snapshot is stored in key order, so
+    a restart reads it as one sorted run."""
+    rows = [("A3", "XSHG", "600000", 1), ("A1", "XSHG", "600001", 2), ("A2", "XSHG", "600000", 3),
+            ("A1", "XSHG", "600000", 4)]
+    rows.sort(key=(lambda r: (r[2], r[0])) if file_order == "by security" else (lambda r: (r[0], r[2])))
+    ref = write_refdata(tmp_path, holdings=rows)
+    target = new_target()
+    replay([str(write_trades(tmp_path / "t.parquet", []))], str(ref), target)
+    from settle_arrow.storage import open_storage
+
+    storage = open_storage(target, read_only=True)
+    try:
+        snap = storage.query("SELECT acct_id, sec_id FROM holdings_snapshot").to_pylist()
+    finally:
+        storage.close()
+    keys = [(r["acct_id"], r["sec_id"]) for r in snap]
+    assert len(keys) == 4 and keys == sorted(keys)
+
+
+def test_init_opening_sorts_an_unsorted_opening(new_target):
+    """The storage stores the first snapshot in key order also when handed rows out of it."""
+    from settle_arrow.storage import open_storage
+
+    storage = open_storage(new_target())
+    try:
+        storage.ensure_schema()
+        opening = pa.table({"acct_id": [2, 1, 2, 1], "sec_id": [1, 9, 0, 3], "quantity": [5, 6, 7, 8]},
+                           schema=schema.HOLDINGS_IDS)
+        storage.init_opening(opening, "d" * 64, "f" * 64)
+        snap = storage.query("SELECT acct_id, sec_id, quantity FROM holdings_snapshot").to_pylist()
+    finally:
+        storage.close()
+    assert [tuple(r.values()) for r in snap] == [(1, 3, 8), (1, 9, 6), (2, 0, 7), (2, 1, 5)]

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from settle_arrow import refdata
 from settle_arrow.refdata import StringIndex
 
 
@@ -16,6 +17,19 @@ def test_lookup_matches_a_dict(small_max, ref, probes):
     want = {s: i for i, s in enumerate(ref)}
     got = idx.lookup(pl.Series([*probes, *ref, None], dtype=pl.String))
     assert got.tolist() == [want.get(p, -1) for p in [*probes, *ref]] + [-1]
+
+
+@pytest.mark.parametrize("chunk_keys", [1, 7, 1_000_000])
+@given(ref=st.lists(st.text(max_size=4), unique=True, min_size=1, max_size=40),
+       probes=st.lists(st.text(max_size=4), max_size=80))
+def test_lookup_in_chunks_matches_one_pass(chunk_keys, ref, probes):
+    """Many keys are looked up in chunks by several threads: same ids, in the keys' order."""
+    idx = StringIndex(pl.Series(ref, dtype=pl.String), small_max=0)
+    keys = pl.Series([*probes, None, *ref], dtype=pl.String)
+    whole = idx.lookup(keys)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(refdata, "LOOKUP_CHUNK_KEYS", chunk_keys)
+        assert idx.lookup(keys).tolist() == whole.tolist()
 
 
 def test_million_keys_roundtrip():
