@@ -31,7 +31,7 @@ import pyarrow as pa
 from settle_arrow import checks, schema
 from settle_arrow.dims import opening_ids, sync_dims, trade_facts, with_sources
 from settle_arrow.errors import SelfCheckError, UserError
-from settle_arrow.io.files import SourceError, SourceFile, discover, read_batches, read_schema
+from settle_arrow.io.files import SourceError, SourceFile, discover, read_frames, read_schema
 from settle_arrow.io.parse import ColumnTypeError, coerce, to_text
 from settle_arrow.kernel_loader import load_in_background
 from settle_arrow.pipeline import CommitLane, prefetch
@@ -115,15 +115,11 @@ def _check_columns(src: SourceFile) -> None:
         raise ColumnTypeError(f"{src.url}: {exc}") from None
 
 
-def _batch_frame(batch: pa.RecordBatch, src: SourceFile, first_row: int) -> pl.DataFrame:
-    cols = [c for c in schema.INPUT_TRADE.names if c in batch.schema.names]
-    if not cols:
-        raise SourceError(f"{src.url} has none of the trade columns (found: {', '.join(batch.schema.names[:8])})")
-    frame = pl.from_arrow(pa.Table.from_batches([batch.select(cols)]))
-    assert isinstance(frame, pl.DataFrame)
+def _batch_frame(frame: pl.DataFrame, src: SourceFile, first_row: int) -> pl.DataFrame:
+    assert frame.width, f"{src.url}: _check_columns lets no file without trade columns through"
     return frame.with_columns(
         pl.lit(src.url).alias("source"),
-        pl.int_range(first_row, first_row + batch.num_rows, dtype=pl.Int64).alias("source_row"),
+        pl.int_range(first_row, first_row + frame.height, dtype=pl.Int64).alias("source_row"),
     )
 
 
@@ -160,15 +156,15 @@ def _windows(sources: tuple[SourceFile, ...], done: dict[str, tuple[int, int]], 
     for src in sources:
         pos = done.get(src.url, (src.size_bytes, 0))[1]
         touched.setdefault(src.url, (src.size_bytes, pos))
-        for batch in read_batches(src, start_row=pos):
-            while batch.num_rows:
+        for part in read_frames(src, list(schema.INPUT_TRADE.names), start_row=pos):
+            while part.height:
                 room = piece_rows - piece if window_rows is None else min(window_rows - rows, piece_rows - piece)
-                take = min(batch.num_rows, room)
-                frames.append(_batch_frame(batch.slice(0, take), src, pos))
+                take = min(part.height, room)
+                frames.append(_batch_frame(part.slice(0, take), src, pos))
                 pos += take
                 rows += take
                 piece += take
-                batch = batch.slice(take)
+                part = part.slice(take)
                 touched[src.url] = (src.size_bytes, pos)
                 last = (src.url, pos)
                 if window_rows is not None and rows == window_rows:

@@ -313,7 +313,7 @@ def _kill_after_commits(cmd: list[str], commits: int, delay: float) -> bool:
         ["CREATE TABLE IF NOT EXISTS quarantine:1", "append-trade_facts:3", "append-checkpoints:2",
          "before-commit:5", "after-commit:4"],
         # the opening-holdings commit (window 0), then while a window writes source offsets
-        ["append-opening_holdings:1", "append-sources:3", "DELETE FROM sources:7"],
+        ["append-opening_holdings:1", "INSERT INTO sources:3", "DELETE FROM sources:7"],
     ],
 )
 def test_sigkill_mid_commit(market, reference, harness, tmp_path, traps, new_target):
@@ -391,7 +391,7 @@ def _storage_error(err: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: lost the connection to postgresql://"), err
 
 
-@pytest.mark.parametrize("traps", [["append-quarantine:3", "before-commit:4", "after-commit:2", "append-sources:5"]])
+@pytest.mark.parametrize("traps", [["append-quarantine:3", "before-commit:4", "after-commit:2", "INSERT INTO sources:5"]])
 def test_dropped_connection_at_chosen_points(market, reference, harness, pg_backend, tmp_path, traps):
     """pg_terminate_backend of the writer inside a window (after its data, before COMMIT),
     right after a COMMIT and while offsets are written: one clear error line and exit 4;

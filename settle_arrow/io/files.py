@@ -1,7 +1,7 @@
 """Input discovery and streaming reads over fsspec: paths, URLs, globs, directories.
 
 Data model: a user's PATH arguments -> an ordered tuple of `SourceFile(url, fmt, size_bytes)`;
-each file -> a stream of `pa.RecordBatch` in file order, starting at a row offset.
+each file -> a stream of frames (or `pa.RecordBatch`es) in file order, starting at a row offset.
 
 Invariants:
   * files of a directory or glob are taken in name order; arguments keep their order.
@@ -28,6 +28,9 @@ from settle_arrow.errors import UserError
 
 FORMATS = {".parquet": "parquet", ".arrow": "ipc", ".feather": "ipc", ".ipc": "ipc", ".csv": "csv"}
 READ_BATCH_ROWS = 65_536
+# Rows of a local Parquet file read_frames decodes at a time: smaller slices cost more per
+# row (100,000 trades: 27 ms CPU in slices of 65,536 rows, 14.6 ms in slices of 262,144).
+PARQUET_SLICE_ROWS = 262_144
 
 
 # A file that is not what its extension says (garbage, not UTF-8, broken CSV) fails with these.
@@ -123,11 +126,13 @@ def read_batches(src: SourceFile, start_row: int = 0, batch_rows: int = READ_BAT
         with fsspec.open(src.url, "rb") as handle:
             if src.fmt == "parquet":
                 pf = pq.ParquetFile(handle)
-                # Whole row groups before the resume point are skipped unread.
+                # Whole row groups before the resume point are skipped unread; every group
+                # from the one holding it on is read, however small (a short last group
+                # must not count as skipped rows).
                 skip, groups = start_row, []
                 for i in range(pf.num_row_groups):
                     n = pf.metadata.row_group(i).num_rows
-                    if skip >= n:
+                    if not groups and skip >= n:
                         skip -= n
                     else:
                         groups.append(i)
@@ -148,6 +153,38 @@ def read_batches(src: SourceFile, start_row: int = 0, batch_rows: int = READ_BAT
                     yield batch.slice(i, batch_rows)
     except _READ_ERRORS as exc:
         raise SourceError(f"cannot read {src.url}: {_first_line(exc)}") from None
+
+
+def read_frames(src: SourceFile, columns: list[str], start_row: int = 0) -> Iterator[pl.DataFrame]:
+    """Frames of `src`'s `columns` (those it has) from row `start_row` on, in file order.
+
+    A local Parquet file whose columns Polars reads with the types pyarrow gives them is
+    read by Polars in slices of PARQUET_SLICE_ROWS: its decoder builds Polars' strings
+    directly, where pyarrow's batches are decoded and then converted (measured, 100,000
+    trades: 14.6 against 52 + 11 ms of CPU). Anything else takes read_batches."""
+    assert start_row >= 0
+    path = _local_path(src) if src.fmt == "parquet" else None
+    try:
+        if path is not None:
+            arrow = pq.read_schema(path)
+            present = [c for c in columns if c in arrow.names]
+            lazy = pl.scan_parquet(path).select(present)
+            if lazy.collect_schema() == pl.from_arrow(arrow.empty_table().select(present)).schema:
+                rows = pq.ParquetFile(path).metadata.num_rows
+                for at in range(start_row, rows, PARQUET_SLICE_ROWS):
+                    yield lazy.slice(at, PARQUET_SLICE_ROWS).collect()
+                return
+        for batch in read_batches(src, start_row=start_row):
+            frame = pl.from_arrow(pa.Table.from_batches([batch.select([c for c in columns if c in batch.schema.names])]))
+            assert isinstance(frame, pl.DataFrame)
+            yield frame
+    except (*_READ_ERRORS, pl.exceptions.PolarsError) as exc:
+        raise SourceError(f"cannot read {src.url}: {_first_line(exc)}") from None
+
+
+def _local_path(src: SourceFile) -> str | None:
+    fs, path = fsspec.core.url_to_fs(src.url)
+    return path if isinstance(fs, LocalFileSystem) else None
 
 
 def read_schema(src: SourceFile) -> pa.Schema:
@@ -187,8 +224,8 @@ def read_frame(url: str) -> pl.DataFrame:
             # Polars' own reader, not batches through pyarrow: 10 M holdings rows load in
             # 0.55 s instead of 1.3 s (measured; the strings are built once, as Polars keeps
             # them); a local file by its path, which Polars maps (0.36 -> 0.25 s).
-            fs, path = fsspec.core.url_to_fs(url)
-            if isinstance(fs, LocalFileSystem):
+            path = _local_path(SourceFile(url, fmt, 0))
+            if path is not None:
                 return pl.read_parquet(path)
             with fsspec.open(url, "rb") as handle:
                 return pl.read_parquet(handle)
