@@ -18,6 +18,7 @@ security) and Σ net_amount = −Σ fees per (market, trade_date) (checked in ch
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import polars as pl
@@ -28,6 +29,8 @@ from settle_arrow.refdata import RefData
 from settle_arrow.stages.base import StageContext, Window
 
 FEE_COLS = list(schema.FEE_COLUMNS.values())
+# Largest product of radices a packed netting key may have (int64 with room to spare).
+PACKED_KEY_MAX = 1 << 62
 
 
 class CalendarError(UserError):
@@ -120,9 +123,9 @@ def _require_settle_dates(t: pl.DataFrame) -> None:
         )
 
 
-def _obligations(c: pl.DataFrame, ref: RefData) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Net per obligation key. Grouping runs on integer ids (~3x faster than on the
-    strings, measured); the strings are attached to the few aggregated rows afterwards."""
+def _net_securities(c: pl.DataFrame, ref: RefData) -> pl.DataFrame:
+    """Securities obligations grouped on (trade_date, sec_idx, part) as columns: the path
+    for keys too wide to pack (see _net_securities_packed)."""
     sq = pl.col("quantity") * pl.col("sign")
     zero = pl.lit(0, dtype=pl.Int64)
     legs = pl.concat(
@@ -146,7 +149,54 @@ def _obligations(c: pl.DataFrame, ref: RefData) -> tuple[pl.DataFrame, pl.DataFr
     sec = pl.concat(
         [sec, names, ref.participants.select("participant_id")[sec["part"].to_numpy()]], how="horizontal"
     ).select(schema.OUTPUT["obligations_securities"].names)
+    return sec
 
+
+def _net_securities_packed(c: pl.DataFrame, ref: RefData) -> pl.DataFrame | None:
+    """Securities obligations through one int64 key per leg, packed from (market rank,
+    trade date, settlement offset, participant, security) in the output's sort order: one
+    integer group-by, one integer sort, and the fields decoded from the groups (100,000
+    trades: 17 ms CPU, against 3-column grouping and a 5-column sort). The settlement date
+    follows from trade date and security, so the groups are those of (trade_date, sec_idx,
+    part). None when the key would not fit."""
+    if not c.height:
+        return None
+    sec_idx = c["sec_idx"].to_numpy().astype(np.int64)
+    day = c["trade_date"].cast(pl.Int32).to_numpy().astype(np.int64)
+    offset = c["securities_settle_date"].cast(pl.Int32).to_numpy().astype(np.int64) - day
+    market_rank = ref.securities["market"].rank("dense").to_numpy().astype(np.int64) - 1
+    day_min = int(day.min())
+    radix = {"market": int(market_rank.max()) + 1, "day": int(day.max()) - day_min + 1, "offset": int(offset.max()) + 1,
+             "part": max(1, ref.participants.height), "sec": ref.n_sec}
+    if int(offset.min()) < 0 or math.prod(radix.values()) > PACKED_KEY_MAX:
+        return None
+    high = (market_rank[sec_idx] * radix["day"] + (day - day_min)) * radix["offset"] + offset
+    keys = [(high * radix["part"] + c[f"{side}_part_idx"].to_numpy()) * radix["sec"] + sec_idx for side in ("buy", "sell")]
+    sq = (c["quantity"] * c["sign"]).to_numpy()
+    zero = np.zeros(len(sq), dtype=np.int64)
+    legs = pl.DataFrame({"k": np.concatenate(keys), "net_quantity": np.concatenate([sq, -sq]),
+                         "buy_quantity": np.concatenate([sq, zero]), "sell_quantity": np.concatenate([zero, sq])})
+    groups = legs.group_by("k").agg(pl.all().sum()).sort("k")
+    k = groups["k"].to_numpy()
+    sec, k = k % radix["sec"], k // radix["sec"]
+    part, k = k % radix["part"], k // radix["part"]
+    offset, k = k % radix["offset"], k // radix["offset"]
+    day = k % radix["day"] + day_min
+    dates = pl.DataFrame({"trade_date": day.astype(np.int32), "securities_settle_date": (day + offset).astype(np.int32)})
+    return pl.concat(
+        [dates.cast(pl.Date), ref.securities.select("market", "security_id")[sec],
+         ref.participants.select("participant_id")[part], groups.drop("k")],
+        how="horizontal",
+    ).select(schema.OUTPUT["obligations_securities"].names)
+
+
+def _obligations(c: pl.DataFrame, ref: RefData) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Net per obligation key. Grouping runs on integer ids (~3x faster than on the
+    strings, measured); the strings are attached to the few aggregated rows afterwards."""
+    sec = _net_securities_packed(c, ref)
+    if sec is None:
+        sec = _net_securities(c, ref)
+    zero = pl.lit(0, dtype=pl.Int64)
     cash_legs = []
     for side in ("buy", "sell"):
         fees_total = pl.sum_horizontal([pl.col(f"{side}_{f}") for f in FEE_COLS])
@@ -171,7 +221,7 @@ def _obligations(c: pl.DataFrame, ref: RefData) -> tuple[pl.DataFrame, pl.DataFr
     # int64 sums where none can leave int64 (the largest |amount| times the legs), else int128.
     biggest = legs.select(pl.max_horizontal(pl.col(money_cols).abs().max())).item() if legs.height else 0
     total = pl.col(money_cols) if biggest * legs.height < 1 << 63 else pl.col(money_cols).cast(pl.Int128)
-    agg = legs.group_by("trade_date", "cash_settle_date", "pair", "part").agg(total.sum())
+    agg = _group_cash(legs, len(pairs), ref.participants.height, total.sum())
     agg = pl.concat(
         [agg, pairs[agg["pair"].to_numpy()], ref.participants.select("participant_id")[agg["part"].to_numpy()]],
         how="horizontal",
@@ -181,6 +231,30 @@ def _obligations(c: pl.DataFrame, ref: RefData) -> tuple[pl.DataFrame, pl.DataFr
     money.check_decimal18(cash, money_cols, "obligations_cash")
     cash = cash.with_columns(pl.col(money_cols).cast(pl.Int64)).select(schema.OUTPUT["obligations_cash"].names)
     return sec, cash
+
+
+def _group_cash(legs: pl.DataFrame, n_pairs: int, n_parts: int, sums: pl.Expr) -> pl.DataFrame:
+    """`sums` per (trade_date, cash_settle_date, pair, part) of the cash legs, through one
+    packed int64 key where it fits (200,000 legs: one integer column hashed, not four);
+    the key columns are decoded from the few groups."""
+    cols = ["trade_date", "cash_settle_date", "pair", "part"]
+    if not legs.height:
+        return legs.group_by(cols).agg(sums)
+    day = legs["trade_date"].cast(pl.Int32).to_numpy().astype(np.int64)
+    offset = legs["cash_settle_date"].cast(pl.Int32).to_numpy().astype(np.int64) - day
+    day_min = int(day.min())
+    days, offsets = int(day.max()) - day_min + 1, int(offset.max()) + 1
+    if int(offset.min()) < 0 or days * offsets * n_pairs * max(1, n_parts) > PACKED_KEY_MAX:
+        return legs.group_by(cols).agg(sums)
+    key = (((day - day_min) * offsets + offset) * n_pairs + legs["pair"].to_numpy()) * n_parts + legs["part"].to_numpy()
+    agg = legs.with_columns(pl.Series("k", key)).group_by("k").agg(sums)
+    k = agg["k"].to_numpy()
+    part, k = k % n_parts, k // n_parts
+    pair, k = k % n_pairs, k // n_pairs
+    offset, day = k % offsets, k // offsets + day_min
+    keys = pl.DataFrame({"trade_date": day.astype(np.int32), "cash_settle_date": (day + offset).astype(np.int32),
+                         "pair": pair.astype(np.uint32), "part": part}).with_columns(pl.col("trade_date", "cash_settle_date").cast(pl.Date))
+    return pl.concat([keys.cast(legs.select(cols).schema), agg.drop("k")], how="horizontal")
 
 
 # What clearing computes per trade from the row and reference data alone; the money ones
