@@ -142,3 +142,23 @@ def test_corrupt_parquet_pages_are_a_source_error(tmp_path):
     src = files.SourceFile(str(f), "parquet", f.stat().st_size)
     with pytest.raises(files.SourceError, match="^cannot read .*t.parquet"):
         list(files.read_frames(src, list(schema.INPUT_TRADE.names)))
+
+
+def test_names_with_glob_characters_read_as_themselves(tmp_path, new_target):
+    """A reference directory and a trade file whose names hold glob characters are read as
+    the very files named (Polars' reader would otherwise expand them as patterns)."""
+    import shutil
+
+    s = generate_market(tmp_path / "m", MarketSpec(trades=300, seed=3, bad_rate=0.05, days=2))
+    odd = tmp_path / "odd[1]"
+    shutil.copytree(tmp_path / "m" / "refdata", odd / "refdata")
+    (odd / "trades").mkdir()
+    for i, f in enumerate(sorted((tmp_path / "m" / "trades").iterdir())):
+        shutil.copy(f, odd / "trades" / f"t[{i}]*.parquet")
+    plain_db, odd_db = new_target("plain"), new_target("odd")
+    replay([str(tmp_path / "m" / "trades")], str(tmp_path / "m" / "refdata"), plain_db, window_rows=64)
+    replay([str(odd / "trades")], str(odd / "refdata"), odd_db, window_rows=64)
+    with open_target(plain_db) as a, open_target(odd_db) as b:
+        for name in ("obligations_securities", "obligations_cash", "holdings", "exceptions"):
+            assert a.table(name).equals(b.table(name)), name
+        assert a.table("trades").height == b.table("trades").height == s.rows - b.table("quarantine").height
