@@ -168,9 +168,9 @@ def read_frames(src: SourceFile, columns: list[str], start_row: int = 0) -> Iter
         if path is not None:
             arrow = pq.read_schema(path)
             present = [c for c in columns if c in arrow.names]
-            # glob=False: the file's own name, brackets and stars included (discover expanded
-            # the user's patterns already).
-            lazy = pl.scan_parquet(path, glob=False).select(present)
+            # The file's own name, brackets and stars included (discover expanded the user's
+            # patterns already), and its own columns only, whatever directories it sits in.
+            lazy = pl.scan_parquet(path, glob=False, hive_partitioning=False).select(present)
             if lazy.collect_schema() == pl.from_arrow(arrow.empty_table().select(present)).schema:
                 rows = pq.ParquetFile(path).metadata.num_rows
                 for at in range(start_row, rows, PARQUET_SLICE_ROWS):
@@ -228,7 +228,7 @@ def read_frame(url: str) -> pl.DataFrame:
             # them); a local file by its path, which Polars maps (0.36 -> 0.25 s).
             path = _local_path(SourceFile(url, fmt, 0))
             if path is not None:
-                return pl.read_parquet(path, glob=False)
+                return pl.read_parquet(path, glob=False, hive_partitioning=False)
             with fsspec.open(url, "rb") as handle:
                 return pl.read_parquet(handle)
         except (*_READ_ERRORS, pl.exceptions.PolarsError) as exc:
