@@ -41,6 +41,7 @@ from settle_arrow.stages.base import Stage, StageContext, Window
 from settle_arrow.stages.clearing import Clear
 from settle_arrow.stages.registration import Register
 from settle_arrow.stages.validate import Validate
+from settle_arrow.state import EngineState
 from settle_arrow.storage import Storage, open_storage
 
 WINDOW_ROWS_DEFAULT = 100_000
@@ -206,33 +207,46 @@ class Engine:
         self.stages = stages
         storage.ensure_schema()
         self.dims = sync_dims(storage, refdata)
-        self._init_opening()
-        self.state = recover(storage, refdata, self.dims)
+        started = self._init_opening()
+        # A TARGET that has just stored its opening holds nothing else, so its state is the
+        # opening, in memory and in key order already: no read back of ten million rows.
+        self.state = started if started is not None else recover(storage, refdata, self.dims)
         self._delta_rows = {name: storage.count(name) for name in schema.DELTAS}
         self._folded_rows = dict(self._delta_rows)
         self._legs_since_snapshot = 2 * storage.trade_rows_since_snapshot()
         self._state_ahead = False
 
-    def _init_opening(self) -> None:
+    def _init_opening(self) -> EngineState | None:
+        """Store or check the opening holdings; the state when this start stored them into a
+        TARGET that had committed nothing (else None: recovery builds it)."""
         try:
-            self._check_opening()
+            return self._check_opening()
         finally:
             self.refdata.release_opening()
 
-    def _check_opening(self) -> None:
+    def _check_opening(self) -> EngineState | None:
         meta = self.storage.meta()
         digest = meta.get("opening_digest")
         ref = self.refdata
         if digest is None:
+            empty = self.storage.count("checkpoints") == 0
             self.storage.init_opening(opening_ids(ref, self.dims).to_arrow(), ref.opening_digest, ref.opening_file_sha256)
+            if not empty:
+                return None
+            state = EngineState(n_sec=ref.n_sec)
+            o = ref.opening
+            state.holdings.insert(state.holding_keys(o["acct_idx"].to_numpy(), o["sec_idx"].to_numpy()),
+                                  {"quantity": o["quantity"].to_numpy()})
+            return state
         elif meta.get("opening_file_sha256") == ref.opening_file_sha256:
-            return  # the very file the TARGET was started with: nothing to load or compare
+            return None  # the very file the TARGET was started with: nothing to load or compare
         elif digest != ref.opening_digest and not self._same_opening():
             raise RefDataError(
                 f"reference holdings differ from the opening holdings {self.storage.url} was started with"
             )
         else:  # same rows in other bytes: remember these bytes, the next start skips the load
             self.storage.set_meta({"opening_file_sha256": ref.opening_file_sha256})
+        return None
 
     def _same_opening(self) -> bool:
         """Exact comparison with the stored opening holdings (when the fingerprint differs);

@@ -414,3 +414,33 @@ def test_init_opening_sorts_an_unsorted_opening(new_target):
     finally:
         storage.close()
     assert [tuple(r.values()) for r in snap] == [(1, 3, 8), (1, 9, 6), (2, 0, 7), (2, 1, 5)]
+
+
+def test_fresh_start_state_equals_the_recovered_state(tmp_path, new_target):
+    """A TARGET's first start keeps the opening it just stored as its state instead of
+    reading it back: that state equals what recovery builds from the TARGET."""
+    import numpy as np
+
+    from settle_arrow.engine import Engine
+    from settle_arrow.recovery import recover
+    from settle_arrow.storage import open_storage
+
+    rows = [("A3", "XSHG", "600000", 7), ("A1", "XSHG", "600001", 2), ("A2", "XSHG", "600000", 3),
+            ("A1", "XSHG", "600000", 4)]
+    ref = load_refdata(str(write_refdata(tmp_path, holdings=rows)))
+    storage = open_storage(new_target())
+
+    def content(runs) -> dict:
+        keys = np.concatenate([k for k, _ in runs.runs]) if runs.runs else np.empty(0)
+        cols = {c: np.concatenate([v[c] for _, v in runs.runs]) for c in runs.payload_types} if runs.runs else {}
+        return {int(k): tuple(int(cols[c][i]) for c in sorted(cols)) for i, k in enumerate(keys)}
+
+    try:
+        engine = Engine(storage, ref)
+        rebuilt = recover(storage, ref, engine.dims)
+        for name in ("holdings", "seen", "accepted", "cancelled", "reported"):
+            assert content(getattr(engine.state, name)) == content(getattr(rebuilt, name)), name
+        assert len(engine.state.holdings) == 4
+        assert engine.state.odd_seen.equals(rebuilt.odd_seen)
+    finally:
+        storage.close()
