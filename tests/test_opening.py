@@ -367,18 +367,6 @@ def test_restart_refused_when_a_held_key_left_the_reference_data(started, droppe
     assert holdings(db) == AFTER_FIRST
 
 
-@given(keys=st.lists(st.integers(0, 2**62), max_size=200), wide=st.booleans())
-def test_sort_order_is_a_stable_argsort(keys, wide):
-    """The opening's key order: row numbers packed under the keys when they fit, an argsort
-    when not (`wide` adds a key too large to pack); either way np.argsort's stable answer."""
-    import numpy as np
-
-    if wide:
-        keys = [*keys, 2**63 - 1]
-    key = np.array(keys, dtype=np.int64)
-    assert refdata_module._sort_order(key).tolist() == np.argsort(key, kind="stable").tolist()
-
-
 @pytest.mark.parametrize("file_order", ["by security", "by account"])
 def test_opening_snapshot_in_key_order(tmp_path, new_target, file_order):
     """Whatever the file's row order, the first holdings snapshot is stored in key order, so
