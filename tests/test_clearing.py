@@ -143,3 +143,19 @@ def test_netting_by_packed_keys_equals_grouping_on_columns(picks, cycles):
             k = (r["market"], r["trade_date"], r["securities_settle_date"], r[f"{side}_participant"], r["security_id"])
             want[k] = want.get(k, 0) + sign * r["quantity"] * r["sign"]
     assert {tuple(r[:5]): r[5] for r in sec.select(*keys, "net_quantity").rows()} == want
+
+
+@given(data=st.data(), radices=st.lists(st.integers(1, 1000), min_size=1, max_size=5))
+def test_packed_keys_order_as_their_fields_and_unpack(data, radices):
+    """_packed orders rows as the tuples of their fields and _unpacked gives the fields
+    back; a value outside its radix, or radices too wide together, give None."""
+    from settle_arrow.stages.clearing import PACKED_KEY_MAX, _packed, _unpacked
+
+    rows = data.draw(st.lists(st.tuples(*[st.integers(0, r - 1) for r in radices]), min_size=1, max_size=30))
+    cols = [np.array([row[i] for row in rows], dtype=np.int64) for i in range(len(radices))]
+    key = _packed(list(zip(cols, radices, strict=True)))
+    assert key is not None
+    assert sorted(range(len(rows)), key=lambda i: (key[i], i)) == sorted(range(len(rows)), key=lambda i: (rows[i], i))
+    assert [c.tolist() for c in _unpacked(key, radices)] == [c.tolist() for c in cols]
+    assert _packed([(cols[0] + radices[0], radices[0]), *zip(cols[1:], radices[1:], strict=True)]) is None
+    assert _packed([(cols[0], PACKED_KEY_MAX + 1)]) is None

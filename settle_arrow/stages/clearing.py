@@ -166,28 +166,49 @@ def _net_securities_packed(c: pl.DataFrame, ref: RefData) -> pl.DataFrame | None
     offset = c["securities_settle_date"].cast(pl.Int32).to_numpy().astype(np.int64) - day
     market_rank = ref.securities["market"].rank("dense").to_numpy().astype(np.int64) - 1
     day_min = int(day.min())
-    radix = {"market": int(market_rank.max()) + 1, "day": int(day.max()) - day_min + 1, "offset": int(offset.max()) + 1,
-             "part": max(1, ref.participants.height), "sec": ref.n_sec}
-    if int(offset.min()) < 0 or math.prod(radix.values()) > PACKED_KEY_MAX:
+    radices = [int(market_rank.max()) + 1, int(day.max()) - day_min + 1, int(offset.max()) + 1,
+               max(1, ref.participants.height), ref.n_sec]
+    keys = [_packed(list(zip([market_rank[sec_idx], day - day_min, offset, c[f"{side}_part_idx"].to_numpy(), sec_idx],
+                             radices, strict=True))) for side in ("buy", "sell")]
+    if any(k is None for k in keys):
         return None
-    high = (market_rank[sec_idx] * radix["day"] + (day - day_min)) * radix["offset"] + offset
-    keys = [(high * radix["part"] + c[f"{side}_part_idx"].to_numpy()) * radix["sec"] + sec_idx for side in ("buy", "sell")]
     sq = (c["quantity"] * c["sign"]).to_numpy()
     zero = np.zeros(len(sq), dtype=np.int64)
     legs = pl.DataFrame({"k": np.concatenate(keys), "net_quantity": np.concatenate([sq, -sq]),
                          "buy_quantity": np.concatenate([sq, zero]), "sell_quantity": np.concatenate([zero, sq])})
     groups = legs.group_by("k").agg(pl.all().sum()).sort("k")
-    k = groups["k"].to_numpy()
-    sec, k = k % radix["sec"], k // radix["sec"]
-    part, k = k % radix["part"], k // radix["part"]
-    offset, k = k % radix["offset"], k // radix["offset"]
-    day = k % radix["day"] + day_min
+    _, day, offset, part, sec = _unpacked(groups["k"].to_numpy(), radices)
+    day += day_min
     dates = pl.DataFrame({"trade_date": day.astype(np.int32), "securities_settle_date": (day + offset).astype(np.int32)})
     return pl.concat(
         [dates.cast(pl.Date), ref.securities.select("market", "security_id")[sec],
          ref.participants.select("participant_id")[part], groups.drop("k")],
         how="horizontal",
     ).select(schema.OUTPUT["obligations_securities"].names)
+
+
+def _packed(fields: list[tuple[np.ndarray, int]]) -> np.ndarray | None:
+    """One int64 per row from non-negative `fields` ((values, radix), most significant
+    first), ordered as the tuples of the fields are; None when a value lies outside its
+    radix or the radices' product exceeds PACKED_KEY_MAX."""
+    if math.prod(radix for _, radix in fields) > PACKED_KEY_MAX:
+        return None
+    key = np.zeros(len(fields[0][0]), dtype=np.int64)
+    for values, radix in fields:
+        if len(values) and (int(values.min()) < 0 or int(values.max()) >= radix):
+            return None
+        key *= radix
+        key += values
+    return key
+
+
+def _unpacked(key: np.ndarray, radices: list[int]) -> list[np.ndarray]:
+    """The fields _packed packed into `key`, most significant first."""
+    fields = []
+    for radix in reversed(radices):
+        fields.append(key % radix)
+        key = key // radix
+    return fields[::-1]
 
 
 def _obligations(c: pl.DataFrame, ref: RefData) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -243,15 +264,14 @@ def _group_cash(legs: pl.DataFrame, n_pairs: int, n_parts: int, sums: pl.Expr) -
     day = legs["trade_date"].cast(pl.Int32).to_numpy().astype(np.int64)
     offset = legs["cash_settle_date"].cast(pl.Int32).to_numpy().astype(np.int64) - day
     day_min = int(day.min())
-    days, offsets = int(day.max()) - day_min + 1, int(offset.max()) + 1
-    if int(offset.min()) < 0 or days * offsets * n_pairs * max(1, n_parts) > PACKED_KEY_MAX:
+    radices = [int(day.max()) - day_min + 1, int(offset.max()) + 1, max(1, n_pairs), max(1, n_parts)]
+    key = _packed(list(zip([day - day_min, offset, legs["pair"].to_numpy(), legs["part"].to_numpy()], radices,
+                           strict=True)))
+    if key is None:
         return legs.group_by(cols).agg(sums)
-    key = (((day - day_min) * offsets + offset) * n_pairs + legs["pair"].to_numpy()) * n_parts + legs["part"].to_numpy()
     agg = legs.with_columns(pl.Series("k", key)).group_by("k").agg(sums)
-    k = agg["k"].to_numpy()
-    part, k = k % n_parts, k // n_parts
-    pair, k = k % n_pairs, k // n_pairs
-    offset, day = k % offsets, k // offsets + day_min
+    day, offset, pair, part = _unpacked(agg["k"].to_numpy(), radices)
+    day += day_min
     keys = pl.DataFrame({"trade_date": day.astype(np.int32), "cash_settle_date": (day + offset).astype(np.int32),
                          "pair": pair.astype(np.uint32), "part": part}).with_columns(pl.col("trade_date", "cash_settle_date").cast(pl.Date))
     return pl.concat([keys.cast(legs.select(cols).schema), agg.drop("k")], how="horizontal")
