@@ -166,14 +166,14 @@ def read_frames(src: SourceFile, columns: list[str], start_row: int = 0) -> Iter
     path = _local_path(src) if src.fmt == "parquet" else None
     try:
         if path is not None:
-            arrow = pq.read_schema(path)
+            parquet = pq.ParquetFile(path)
+            arrow = parquet.schema_arrow
             present = [c for c in columns if c in arrow.names]
             # The file's own name, brackets and stars included (discover expanded the user's
             # patterns already), and its own columns only, whatever directories it sits in.
             lazy = pl.scan_parquet(path, glob=False, hive_partitioning=False).select(present)
             if lazy.collect_schema() == pl.from_arrow(arrow.empty_table().select(present)).schema:
-                rows = pq.ParquetFile(path).metadata.num_rows
-                for at in range(start_row, rows, PARQUET_SLICE_ROWS):
+                for at in range(start_row, parquet.metadata.num_rows, PARQUET_SLICE_ROWS):
                     yield lazy.slice(at, PARQUET_SLICE_ROWS).collect()
                 return
         for batch in read_batches(src, start_row=start_row):
