@@ -154,6 +154,9 @@ class RefData:
     # sha256 of the holdings file's bytes: equal bytes are equal opening holdings, so a
     # restart need not load, check and encode ten million rows it already checked once.
     opening_file_sha256: str
+    # Values the stages derive from these tables and keep for later windows (clearing's fee
+    # rates per regime): valid as long as this RefData, which never changes.
+    memo: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @functools.cached_property
     def _opening(self) -> tuple[pl.DataFrame, str]:
@@ -191,6 +194,21 @@ class RefData:
         of_sec = self.securities.select(cols).join(classes, on=cols, how="left", maintain_order="left")["cls"]
         assert of_sec.null_count() == 0
         return of_sec.to_numpy().astype(np.int64), classes.drop("cls")
+
+    @functools.cached_property
+    def market_rank(self) -> np.ndarray:
+        """Rank of each sec_idx's market among the markets (0 first), int64: clearing orders
+        securities obligations by market through it."""
+        return self.securities["market"].rank("dense").to_numpy().astype(np.int64) - 1
+
+    @functools.cached_property
+    def cash_pairs(self) -> tuple[np.ndarray, pl.DataFrame]:
+        """(pair of each sec_idx, the (market, currency) pairs): clearing nets cash per pair."""
+        pairs = self.securities.select("market", "currency").unique(maintain_order=True)
+        of_sec = self.securities.join(pairs.with_row_index("pair"), on=["market", "currency"], how="left",
+                                      maintain_order="left")["pair"]
+        assert of_sec.null_count() == 0
+        return of_sec.to_numpy(), pairs
 
     def sec_idx(self, keys: pl.DataFrame) -> pl.Series:
         """sec_idx of each (market, security_id) row of `keys`, in order; null where unknown."""

@@ -6,8 +6,10 @@ hold."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import polars as pl
@@ -20,8 +22,9 @@ from settle_arrow.errors import UserError
 from settle_arrow.io.files import discover
 from settle_arrow.money import FEN_DECIMAL18_MAX
 from settle_arrow.refdata import load_refdata
+from settle_arrow.stages import clearing
 from settle_arrow.stages.base import StageContext, Window
-from settle_arrow.stages.clearing import FEE_COLS, _obligations, _regimes
+from settle_arrow.stages.clearing import _FEE_OUT, FEE_COLS, _fee_rates, _fee_slots, _obligations, _regimes
 from settle_arrow.state import EngineState
 
 SAMPLE = Path(__file__).parents[1] / "data" / "samples"
@@ -41,6 +44,34 @@ def test_each_row_finds_its_own_regime(rows):
     want = REF.securities.select(COLS)[sec_idx].with_columns(dates.alias("trade_date"))
     assert regimes.select(COLS + ["trade_date"])[regime].equals(want)
 
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(st.tuples(st.integers(0, REF.securities.height - 1), st.integers(-400, 400)),
+                     min_size=1, max_size=40),
+       bound=st.integers(1, 6))
+def test_fee_rates_kept_per_regime_are_the_schedules(rows, bound):
+    """Whatever regimes earlier windows left in the memo (or pushed out of it), each
+    regime's rates are exactly the matching fee rows of the schedule, per fee column; the
+    memo holds at most its bound or one window's regimes."""
+    ref = dataclasses.replace(REF, memo={})
+    day0 = datetime.date(2024, 1, 2)
+    with mock.patch.object(clearing, "REGIME_RATES_MAX", bound):
+        for chunk in (rows[: len(rows) // 2], rows, rows[len(rows) // 2 :], rows):
+            if not chunk:
+                continue
+            sec_idx = np.array([r[0] for r in chunk], dtype=np.int32)
+            dates = pl.Series([day0 + datetime.timedelta(days=r[1]) for r in chunk], dtype=pl.Date)
+            _, regimes = _regimes(ref, sec_idx, dates)
+            rates = _fee_rates(ref, regimes)
+            want: dict[tuple[int, int], list[int]] = {}
+            for g, side, col, rate in _fee_slots(REF, regimes.with_row_index("regime")).select(
+                    "regime", "side", "fee_col", "rate_units").iter_rows():
+                want.setdefault((g, _FEE_OUT.index(f"{side.lower()}_{col}")), []).append(rate)
+            for g in range(regimes.height):
+                for c in range(len(_FEE_OUT)):
+                    got = sorted(int(r) for r in rates[g, c] if r)
+                    assert got == sorted(r for r in want.get((g, c), []) if r)
+            assert len(ref.memo["fee_rates"]) <= max(bound, regimes.height)
 
 
 def _cleared() -> pl.DataFrame:

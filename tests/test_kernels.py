@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from settle_arrow.kernels import find_in_run
+from settle_arrow import money
+from settle_arrow.kernels import fees_fen, find_in_run
 
 U64_MAX = (1 << 64) - 1
 
@@ -71,6 +72,36 @@ def test_find_in_run_reads_read_only_runs():
     assert run_of.tolist() == [0, -1, 0, -1, 0, -1] and pos_of.tolist() == [0, 0, 1, 0, 142, 0]
 
 
+@settings(max_examples=300, deadline=None)
+@given(amounts=st.lists(st.one_of(st.integers(0, 10**15), st.sampled_from([0, 1, 49, 50, 10**8 - 1, 10**8, 10**15])),
+                        max_size=60),
+       shape=st.tuples(st.integers(1, 5), st.integers(1, 8), st.integers(1, 3)), data=st.data())
+def test_fees_fen_is_a_sum_of_fee_fen(amounts, shape, data):
+    """One pass over the trades equals money.fee_fen per fee row (slot), added per column:
+    every half-fen tie, the largest amount and rate, absent rows (rate 0) included."""
+    rate = st.one_of(st.integers(0, money.RATE_SCALE), st.sampled_from([0, 1, 5, 50_000, money.RATE_SCALE]))
+    rates = np.array(data.draw(st.lists(rate, min_size=int(np.prod(shape)), max_size=int(np.prod(shape)))),
+                     dtype=np.int64).reshape(shape)
+    amount = np.array(amounts, dtype=np.int64)
+    regime = np.array(data.draw(st.lists(st.integers(0, shape[0] - 1), min_size=len(amount), max_size=len(amount))),
+                      dtype=np.int64)
+    want = np.zeros((shape[1], len(amount)), dtype=np.int64)
+    for c in range(shape[1]):
+        for s in range(shape[2]):
+            want[c] += money.fee_fen(amount, rates[regime, c, s])
+    assert np.array_equal(fees_fen(amount, regime, rates), want)
+
+
+def test_fees_fen_refuses_what_would_not_stay_exact():
+    one, rates = np.ones(1, dtype=np.int64), np.ones((1, 1, 1), dtype=np.int64)
+    with pytest.raises(AssertionError, match="amount"):
+        fees_fen(one * (10**15 + 1), one - 1, rates)
+    with pytest.raises(AssertionError, match="rate"):
+        fees_fen(one, one - 1, rates * (money.RATE_SCALE + 1))
+    with pytest.raises(AssertionError, match="regime"):
+        fees_fen(one, one, rates)
+
+
 def test_warm_loads_every_type_the_state_passes(tmp_path):
     """After kernels.warm(), finds over hot and spilled (read-only) runs of signed and
     unsigned keys, sampled or not, compile nothing more: the background load at start-up
@@ -94,3 +125,6 @@ def test_warm_loads_every_type_the_state_passes(tmp_path):
                 run_of, _ = runs.find(probe)
             assert (run_of >= 0).sum() == 22
     assert set(kernels._find_in_run.signatures) == loaded
+    fees = set(kernels._fees_fen.signatures)
+    fees_fen(np.arange(3, dtype=np.int64), np.zeros(3, dtype=np.int64), np.ones((1, 8, 2), dtype=np.int64))
+    assert fees and set(kernels._fees_fen.signatures) == fees

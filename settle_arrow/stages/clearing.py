@@ -31,6 +31,11 @@ from settle_arrow.stages.base import StageContext, Window
 FEE_COLS = list(schema.FEE_COLUMNS.values())
 # Largest product of radices a packed netting key may have (int64 with room to spare).
 PACKED_KEY_MAX = 1 << 62
+# The fee columns of a cleared trade, in the order of _fee_rates' second axis.
+_FEE_OUT = [f"{side}_{col}" for side in ("buy", "sell") for col in FEE_COLS]
+# Regimes whose fee rates ref.memo keeps at most (a class per market, type and cycles times
+# the trade dates seen): the memo is emptied when it would outgrow this.
+REGIME_RATES_MAX = 100_000
 
 
 class CalendarError(UserError):
@@ -56,13 +61,14 @@ def _fee_slots(ref: RefData, regimes: pl.DataFrame) -> pl.DataFrame:
 
 
 def _regimes(ref: RefData, sec_idx: np.ndarray, trade_date: pl.Series) -> tuple[np.ndarray, pl.DataFrame]:
-    """(regime of each row, the regimes): a regime is a (security class, trade date), all
-    that fees and settlement dates depend on besides the amount. Integer keys and no join
+    """(regime of each row, the regimes with their class `cls`): a regime is a (security
+    class, trade date), all that fees and settlement dates depend on besides the amount. Integer keys and no join
     (measured, 100 k rows: a unique and a join on the strings took 16 ms)."""
     cls_of_sec, classes = ref.security_classes
     day = trade_date.cast(pl.Int32).to_numpy().astype(np.int64)
     if not len(day):
-        return np.zeros(0, np.int64), classes.clear().with_columns(pl.lit(None, dtype=pl.Date).alias("trade_date"))
+        return np.zeros(0, np.int64), classes.clear().with_columns(
+            pl.lit(None, dtype=pl.Int64).alias("cls"), pl.lit(None, dtype=pl.Date).alias("trade_date"))
     day_min = int(day.min())
     span = int(day.max()) - day_min + 1
     key = cls_of_sec[sec_idx] * span + (day - day_min)
@@ -75,22 +81,50 @@ def _regimes(ref: RefData, sec_idx: np.ndarray, trade_date: pl.Series) -> tuple[
     else:
         keys, regime = np.unique(key, return_inverse=True)
     regimes = classes[keys // span].with_columns(
-        pl.Series("trade_date", (keys % span + day_min).astype(np.int32)).cast(pl.Date)
+        pl.Series("cls", keys // span, dtype=pl.Int64),
+        pl.Series("trade_date", (keys % span + day_min).astype(np.int32)).cast(pl.Date),
     )
     return regime, regimes
 
 
+def _fee_rates(ref: RefData, regimes: pl.DataFrame) -> np.ndarray:
+    """rates[regime, fee column (_FEE_OUT), slot]: the rate units of each fee row that
+    matches the regime (0 past its last). Reference data never change under a RefData, so
+    a regime's rates are computed once, on its first window, and kept in ref.memo (the fee
+    schedule's join cost 3.5 ms a window, measured)."""
+    memo = ref.memo.setdefault("fee_rates", {})
+    keys = list(zip(regimes["cls"].to_list(), regimes["trade_date"].cast(pl.Int32).to_list(), strict=True))
+    # A local copy of what is needed: another thread may clear the memo meanwhile.
+    got = {k: memo.get(k) for k in keys}
+    missing = [i for i, k in enumerate(keys) if got[k] is None]
+    if missing:
+        rows: list[list[list[int]]] = [[[] for _ in _FEE_OUT] for _ in missing]
+        slots = _fee_slots(ref, regimes[missing].with_row_index("regime"))
+        # One iteration per matching fee row of the new regimes (the schedule's shape).
+        for j, side, col, rate in slots.select("regime", "side", "fee_col", "rate_units").iter_rows():
+            rows[j][_FEE_OUT.index(f"{side.lower()}_{col}")].append(rate)
+        if len(memo) + len(missing) > REGIME_RATES_MAX:
+            memo.clear()
+        for j, i in enumerate(missing):
+            got[keys[i]] = memo[keys[i]] = tuple(tuple(r) for r in rows[j])
+    width = max((len(r) for k in keys for r in got[k]), default=0)
+    rates = np.zeros((len(keys), len(_FEE_OUT), max(1, width)), dtype=np.int64)
+    for g, k in enumerate(keys):
+        for c, r in enumerate(got[k]):
+            rates[g, c, : len(r)] = r
+    return rates
+
+
 def _fees(ref: RefData, regimes: pl.DataFrame, regime: np.ndarray, amount: np.ndarray) -> dict[str, np.ndarray]:
-    slots = _fee_slots(ref, regimes.with_row_index("regime"))
-    out = {f"{side}_{col}": np.zeros(len(regime), dtype=np.int64) for side in ("buy", "sell") for col in FEE_COLS}
-    n_regimes = regimes.height
-    # One vectorised pass per (side, fee code, slot): the loop is over the fee schedule's
-    # shape (a handful of entries), never over trades.
-    for (side, col, _slot), g in slots.group_by("side", "fee_col", "slot"):
-        rate_of_regime = np.zeros(n_regimes, dtype=np.int64)
-        rate_of_regime[g["regime"].to_numpy()] = g["rate_units"].to_numpy()
-        out[f"{side.lower()}_{col}"] += money.fee_fen(amount, rate_of_regime[regime])
-    return out
+    """Each fee column (_FEE_OUT) of each trade, in fen."""
+    # Imported here: numba loads in a background thread at start-up (kernel_loader), off
+    # the restart's path.
+    from settle_arrow.kernels import fees_fen
+
+    if not len(amount):
+        return {name: np.zeros(0, dtype=np.int64) for name in _FEE_OUT}
+    out = fees_fen(amount, regime.astype(np.int64, copy=False), _fee_rates(ref, regimes))
+    return dict(zip(_FEE_OUT, out, strict=True))
 
 
 def _settle_dates(ref: RefData, regimes: pl.DataFrame) -> dict[str, np.ndarray]:
@@ -142,8 +176,7 @@ def _net_securities(c: pl.DataFrame, ref: RefData) -> pl.DataFrame:
     # through integers ordered alike: securities are sorted by (market, security_id) and
     # participants by participant_id, so their row numbers order them (measured, 21 k rows:
     # 3 against 7 ms on the strings).
-    market_rank = ref.securities["market"].rank("dense").to_numpy()
-    sec = sec.with_columns(pl.Series("market_rank", market_rank[sec["sec_idx"].to_numpy()])).sort(
+    sec = sec.with_columns(pl.Series("market_rank", ref.market_rank[sec["sec_idx"].to_numpy()])).sort(
         "market_rank", "trade_date", "securities_settle_date", "part", "sec_idx")
     names = ref.securities.select("market", "security_id")[sec["sec_idx"].to_numpy()]
     sec = pl.concat(
@@ -164,7 +197,7 @@ def _net_securities_packed(c: pl.DataFrame, ref: RefData) -> pl.DataFrame | None
     sec_idx = c["sec_idx"].to_numpy().astype(np.int64)
     day = c["trade_date"].cast(pl.Int32).to_numpy().astype(np.int64)
     offset = c["securities_settle_date"].cast(pl.Int32).to_numpy().astype(np.int64) - day
-    market_rank = ref.securities["market"].rank("dense").to_numpy().astype(np.int64) - 1
+    market_rank = ref.market_rank
     day_min = int(day.min())
     radices = [int(market_rank.max()) + 1, int(day.max()) - day_min + 1, int(offset.max()) + 1,
                max(1, ref.participants.height), ref.n_sec]
@@ -234,9 +267,7 @@ def _obligations(c: pl.DataFrame, ref: RefData) -> tuple[pl.DataFrame, pl.DataFr
     money_cols = ["net_amount", "buy_amount", "sell_amount", *FEE_COLS]
     # Market and currency follow from the security: group on a small code for the pair
     # (one pass over the legs, few groups), attach the strings to the aggregated rows.
-    pairs = ref.securities.select("market", "currency").unique(maintain_order=True)
-    pair_of_sec = ref.securities.join(pairs.with_row_index("pair"), on=["market", "currency"], how="left",
-                                      maintain_order="left")["pair"].to_numpy()
+    pair_of_sec, pairs = ref.cash_pairs
     legs = pl.concat(cash_legs)
     legs = legs.with_columns(pl.Series("pair", pair_of_sec[legs["sec_idx"].to_numpy()], dtype=pl.UInt32))
     # int64 sums where none can leave int64 (the largest |amount| times the legs), else int128.
