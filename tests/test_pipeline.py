@@ -14,9 +14,6 @@ Pins down:
               leaving it on an exception waits for the job in flight and raises only the
               original exception; no thread outlives its `with`.
 
-Polars' own pool: one thread in a process that imports settle_arrow first, unless
-POLARS_MAX_THREADS says otherwise (the pipeline's threads keep the cores busy).
-
 Every wait has a timeout, so a regression fails instead of hanging; sleeps are used only to
 give a broken implementation the chance to run ahead.
 """
@@ -24,9 +21,6 @@ give a broken implementation the chance to run ahead.
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -464,14 +458,3 @@ def test_lane_with_nothing_submitted():
     with CommitLane() as lane:
         lane.drain()
     assert not _alive("settle-commit")
-
-
-@pytest.mark.parametrize(("env", "want"), [(None, 1), ("2", 2)])
-def test_importing_settle_arrow_first_sizes_polars_pool_unless_told(env, want):
-    environ = {k: v for k, v in os.environ.items() if k != "POLARS_MAX_THREADS"}
-    if env is not None:
-        environ["POLARS_MAX_THREADS"] = env
-    code = "import settle_arrow, polars; print(polars.thread_pool_size())"
-    out = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert int(out.stdout) == want
