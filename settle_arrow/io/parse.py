@@ -13,6 +13,8 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
+
 import polars as pl
 import pyarrow as pa
 
@@ -36,6 +38,7 @@ def _decimal_re(precision: int, scale: int) -> str:
     return rf"^[+-]?[0-9]{{1,{whole}}}{frac}$"
 
 
+@functools.cache  # called per column per window; Arrow types are few, immutable and hashable
 def polars_dtype(arrow_type: pa.DataType) -> pl.DataType:
     """Polars dtype that round-trips to `arrow_type` (string views become large strings)."""
     return pl.from_arrow(pa.array([], type=arrow_type)).dtype
