@@ -22,7 +22,7 @@ import pytest
 from settle_arrow import copy_target, open_target, replay, schema
 from settle_arrow.generate import MarketSpec, generate_market
 from settle_arrow.storage import open_storage
-from settle_arrow.storage.duckdb import SEGMENTS_DIR_SUFFIX, remove_target
+from settle_arrow.storage.duckdb import COMMITTED_MACRO, SEGMENTS_DIR_SUFFIX, DuckDBStorage, remove_target
 
 FACTS = schema.STORAGE["trade_facts"]
 
@@ -128,6 +128,56 @@ def test_a_killed_windows_files_are_invisible_then_swept(tmp_path):
     storage = open_storage(str(db))  # the next writer
     try:
         assert _segments(db) == committed
+        storage.ensure_schema()
+        storage.commit_window(2, {"trade_facts": _facts(5, 100)}, _checkpoint(5), ())
+    finally:
+        storage.close()
+    assert _count(db) == 35
+
+
+def test_a_window_stays_invisible_to_readers_until_its_commit(tmp_path, monkeypatch):
+    """Just before COMMIT (segment file, catalog row, checkpoint and the views' bound all
+    written) a reader beside the writer still sees the windows committed before."""
+    db = tmp_path / "t.duckdb"
+    storage = open_storage(str(db))
+    try:
+        storage.ensure_schema()
+        storage.commit_window(1, {"trade_facts": _facts(30)}, _checkpoint(30), ())
+        reader = storage.reader()  # a cursor of the writer's instance, as open_target is there
+        seen = []
+        real = DuckDBStorage._commit
+
+        def commit(self: DuckDBStorage) -> None:
+            seen.append(reader.count("trade_facts"))
+            real(self)
+
+        monkeypatch.setattr(DuckDBStorage, "_commit", commit)
+        storage.commit_window(2, {"trade_facts": _facts(5, 100)}, _checkpoint(5), ())
+        assert seen == [30] and reader.count("trade_facts") == 35
+        reader.close()
+    finally:
+        storage.close()
+
+
+def test_a_target_whose_views_predate_the_bound_macro(tmp_path):
+    """A TARGET whose segment view bounds windows by a constant (the layout before
+    COMMITTED_MACRO): readers see its committed windows, and a writer re-makes the view so
+    that later windows show."""
+    db = tmp_path / "t.duckdb"
+    storage = open_storage(str(db))
+    try:
+        storage.ensure_schema()
+        storage.commit_window(1, {"trade_facts": _facts(30)}, _checkpoint(30), ())
+        view = storage.query("SELECT sql FROM duckdb_views() WHERE view_name = 'trade_facts'")["sql"][0].as_py()
+        storage._execute(view.replace("CREATE VIEW", "CREATE OR REPLACE VIEW").replace(f"{COMMITTED_MACRO}()", "1"))
+        storage._execute(f"DROP MACRO {COMMITTED_MACRO}")
+    finally:
+        storage.close()
+    assert _count(db) == 30
+    with open_target(str(db)) as t:
+        assert t.storage.count("trade_facts") == 30
+    storage = open_storage(str(db))
+    try:
         storage.ensure_schema()
         storage.commit_window(2, {"trade_facts": _facts(5, 100)}, _checkpoint(5), ())
     finally:
