@@ -10,10 +10,10 @@ file and that directory: copy or move them together.
 Segment invariants: a file is complete before it has a name the view reads (written as
 `.tmp`, fsynced, renamed), and its directory entry is durable before the COMMIT that
 catalogs it; the view shows only rows of windows up to the last checkpoint (a macro,
-COMMITTED_MACRO, re-made in the same transaction by every append of checkpoints), so a file of a window
-not committed yet, rolled back or killed is invisible, and the next writer deletes every
-file no committed row names. So readers see exactly the committed windows, as they do for
-rows.
+COMMITTED_MACRO, re-made in the same transaction by every append of checkpoints), so a
+file of a window not committed yet, rolled back or killed is invisible, and the next
+writer deletes every file no committed row names. So readers see exactly the committed
+windows, as they do for rows.
 
 Readers: DuckDB admits one process at a time while one writes (its file lock). Another
 process gets a one-line TargetError while a replay writes. Inside the writing process a
@@ -52,7 +52,7 @@ SEGMENTS_DIR_SUFFIX = ".segments"
 # The last committed window, as a scalar macro the segment views filter by: DuckDB expands
 # it at bind time, so scans still skip files by a constant (a scalar subquery there costs
 # every scan 2.5x: 5 M rows 0.15 -> 0.39 s, measured), and each commit replaces the macro
-# (0.4 ms) instead of the view, whose DDL binds read_parquet over every segment file
+# (0.4-0.6 ms) instead of the view, whose DDL binds read_parquet over every segment file
 # (5-7 ms at 500 files, growing with them; measured).
 COMMITTED_MACRO = "settle_arrow_committed_window"
 SEGMENT_SUFFIX = ".parquet"
