@@ -1,8 +1,9 @@
 """Clearing (stages/clearing.py): each row's regime names exactly its security's market,
 type and cycles and its trade date, and no regime appears twice, whether the window's
-dates are dense (presence table) or far apart (sorted unique); cash netting is exact in
-int64 and, where sums could leave int64, in int128, and refuses what decimal(18,2) cannot
-hold."""
+dates are dense (presence table) or far apart (sorted unique); the fee rates remembered
+per regime are the schedule's, and the memo stays bounded; cash netting is exact in int64
+and, where sums could leave int64, in int128, and refuses what decimal(18,2) cannot hold;
+netting by packed keys equals grouping on the columns."""
 
 from __future__ import annotations
 
