@@ -31,7 +31,8 @@ def amount_fen(price_milli: np.ndarray, quantity: np.ndarray) -> np.ndarray:
 
 
 def fee_fen(amount: np.ndarray, rate_units: np.ndarray) -> np.ndarray:
-    """amount x rate rounded half-up to the fen, exact in int64.
+    """amount x rate rounded half-up to the fen, exact in int64: the rule kernels.fees_fen
+    applies to every fee row in one pass (tests/test_kernels.py holds it to this).
 
     amount <= 10^15 fen and rate <= 10^8 units: splitting amount at 10^8 keeps both partial
     products <= 10^16, where amount * rate itself could reach 10^23.

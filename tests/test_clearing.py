@@ -25,7 +25,7 @@ from settle_arrow.money import FEN_DECIMAL18_MAX
 from settle_arrow.refdata import load_refdata
 from settle_arrow.stages import clearing
 from settle_arrow.stages.base import StageContext, Window
-from settle_arrow.stages.clearing import _FEE_OUT, FEE_COLS, _fee_rates, _fee_slots, _obligations, _regimes
+from settle_arrow.stages.clearing import _FEE_OUT, FEE_COLS, _fee_rates, _matching_fees, _obligations, _regimes
 from settle_arrow.state import EngineState
 
 SAMPLE = Path(__file__).parents[1] / "data" / "samples"
@@ -65,8 +65,7 @@ def test_fee_rates_kept_per_regime_are_the_schedules(rows, bound):
             _, regimes = _regimes(ref, sec_idx, dates)
             rates = _fee_rates(ref, regimes)
             want: dict[tuple[int, int], list[int]] = {}
-            for g, side, col, rate in _fee_slots(REF, regimes.with_row_index("regime")).select(
-                    "regime", "side", "fee_col", "rate_units").iter_rows():
+            for g, side, col, rate in _matching_fees(REF, regimes.with_row_index("regime")).iter_rows():
                 want.setdefault((g, _FEE_OUT.index(f"{side.lower()}_{col}")), []).append(rate)
             for g in range(regimes.height):
                 for c in range(len(_FEE_OUT)):

@@ -42,8 +42,8 @@ class CalendarError(UserError):
     """A settlement date falls beyond the end of a market's calendar (reference data gap)."""
 
 
-def _fee_slots(ref: RefData, regimes: pl.DataFrame) -> pl.DataFrame:
-    """Per (regime, side, fee column, slot): the rate units of each matching fee row."""
+def _matching_fees(ref: RefData, regimes: pl.DataFrame) -> pl.DataFrame:
+    """(regime, side, fee column, rate units) of each fee row that applies to a regime."""
     fees = ref.fees.with_columns(
         pl.when(pl.col("side") == "BOTH").then(pl.lit(["BUY", "SELL"])).otherwise(pl.concat_list("side")).alias("side")
     ).explode("side")
@@ -57,7 +57,7 @@ def _fee_slots(ref: RefData, regimes: pl.DataFrame) -> pl.DataFrame:
         "side",
         pl.col("fee_code").replace_strict(schema.FEE_COLUMNS).alias("fee_col"),
         "rate_units",
-    ).with_columns(pl.int_range(pl.len()).over("regime", "side", "fee_col").alias("slot"))
+    )
 
 
 def _regimes(ref: RefData, sec_idx: np.ndarray, trade_date: pl.Series) -> tuple[np.ndarray, pl.DataFrame]:
@@ -100,9 +100,9 @@ def _fee_rates(ref: RefData, regimes: pl.DataFrame) -> np.ndarray:
     missing = [i for i, k in enumerate(keys) if got[k] is None]
     if missing:
         rows: list[list[list[int]]] = [[[] for _ in _FEE_OUT] for _ in missing]
-        slots = _fee_slots(ref, regimes[missing].with_row_index("regime"))
+        matching = _matching_fees(ref, regimes[missing].with_row_index("regime"))
         # One iteration per matching fee row of the new regimes (the schedule's shape).
-        for j, side, col, rate in slots.select("regime", "side", "fee_col", "rate_units").iter_rows():
+        for j, side, col, rate in matching.iter_rows():
             rows[j][_FEE_OUT.index(f"{side.lower()}_{col}")].append(rate)
         if len(memo) + len(missing) > REGIME_RATES_MAX:
             memo.clear()
