@@ -239,14 +239,15 @@ def bench(
     results = _guard(run_bench, spec, echo=out.print)
     t = Table(title="settle-arrow bench")
     cols = ("mode", "trades", "wall s", "trades/s", "x floor", "steady trades/s", "window p50 ms", "window p99 ms",
-            "start-up s", "peak RSS MB")
+            "start-up s", "peak RSS MB", "CPU us/trade")
     for col in cols:
         t.add_column(col, justify="right")
     for r in results:
         t.add_row(r["mode"], f"{r['rows']:,}", f"{r['seconds']:.2f}", f"{r['trades_per_s']:,.0f}", f"{r['floor_ratio']:.1f}",
                   f"{r['steady_trades_per_s']:,.0f}" if "steady_trades_per_s" in r else "",
                   f"{r.get('window_p50_ms', 0):.1f}", f"{r.get('window_p99_ms', 0):.1f}",
-                  f"{r['startup_s']:.1f}" if "startup_s" in r else "", f"{r.get('peak_rss_mb', 0):,.0f}")
+                  f"{r['startup_s']:.1f}" if "startup_s" in r else "", f"{r.get('peak_rss_mb', 0):,.0f}",
+                  f"{r['cpu_us_per_trade']:.2f}" if "cpu_us_per_trade" in r else "")
     goals = Table(title="targets (VISION.md, issue 4)")
     for col in ("target", "goal", "measured", "met"):
         goals.add_column(col, justify="right" if col != "target" else "left")

@@ -10,7 +10,7 @@ def test_bench_reports_every_mode(tmp_path):
     results = run(spec, echo=lambda *_: None)
     by = {r["mode"]: r for r in results}
     assert list(by) == [
-        "floor: DuckDB GROUP BY",
+        "floor: DuckDB GROUP BY", "floor: input decoding alone",
         "replay --window 500 (duckdb)", "ceiling: storage alone (--window 500)",
         "replay --window 3,000 (duckdb)", "ceiling: storage alone (--window 3,000)",
         "replay --batch (duckdb)", "ceiling: storage alone (--batch)",
@@ -19,7 +19,10 @@ def test_bench_reports_every_mode(tmp_path):
     replays = [r for m, r in by.items() if m.startswith(("floor", "replay"))]
     for r in replays:
         assert r["rows"] == 3_000 and r["seconds"] > 0 and r["trades_per_s"] > 0 and r["floor_ratio"] > 0
-    for r in [*replays[1:], by["restart after SIGKILL (--window 750) (duckdb)"]]:
+    # CPU per trade of everything but the DuckDB floor (a bare query, whose rate is the point).
+    for m, r in by.items():
+        assert (r.get("cpu_us_per_trade", 0) > 0) == (m != "floor: DuckDB GROUP BY"), m
+    for r in [*replays[2:], by["restart after SIGKILL (--window 750) (duckdb)"]]:
         assert r["peak_rss_mb"] > 0 and r["window_p99_ms"] >= r["window_p50_ms"] > 0 and r["steady_trades_per_s"] > 0
         assert 0 < r["startup_s"] < r["first_commit_s"]
     # The ceilings store the trade rows each replay committed (accepted trades), and nothing else.
@@ -41,6 +44,13 @@ def test_targets_table_names_each_measured_target(tmp_path):
     assert names[1].startswith("--window 100,000: storage alone") and "of storage alone" in rows[0]["measured"]
     assert any(n.startswith("--window 10,000: storage alone") for n in names)
     assert names[-1].startswith("restart after SIGKILL")
+    # Each throughput goal has its CPU budget per trade on this machine's cores beside the
+    # replay's CPU per trade and what decoding the input and storing its rows cost alone.
+    cpu = {g["target"].split(":")[0]: g for g in rows if "CPU per trade" in g["target"]}
+    assert set(cpu) == {"--window 100,000", "--window 10,000", "--batch"}
+    assert all(" us (" in g["goal"] and "input decoding" in g["measured"] and "storage alone" in g["measured"]
+               for g in cpu.values())
+    assert float(cpu["--batch"]["goal"].split()[1]) < float(cpu["--window 100,000"]["goal"].split()[1])
     assert all(g["measured"] for g in rows)
     # 2,000 trades say nothing about peak memory at 100 M trades: neither met nor missed.
     rss = next(g for g in rows if g["target"].startswith("streaming peak RSS"))
