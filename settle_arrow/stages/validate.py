@@ -57,7 +57,8 @@ def _schema_detail(typed: pl.DataFrame) -> pl.Series:
     built only for the failing rows: cheap boolean tests over the window, text for the few."""
     rules = _schema_rules()
     failing = typed.select(pl.any_horizontal([cond for cond, _ in rules])).to_series()
-    detail = pl.Series("d", [None] * typed.height, dtype=pl.String)
+    # Not a Series of a Python list of Nones: 1.5 ms a 100,000-row window against 0.2.
+    detail = pl.repeat(None, typed.height, dtype=pl.String, eager=True).alias("d")
     if failing.any():
         rows = failing.arg_true()
         text = typed[rows].select(pl.coalesce([pl.when(cond).then(pl.lit(msg)) for cond, msg in rules])).to_series()
