@@ -306,7 +306,8 @@ def _group_cash(legs: pl.DataFrame, n_pairs: int, n_parts: int, sums: pl.Expr) -
     day += day_min
     keys = pl.DataFrame({"trade_date": day.astype(np.int32), "cash_settle_date": (day + offset).astype(np.int32),
                          "pair": pair.astype(np.uint32), "part": part}).with_columns(pl.col("trade_date", "cash_settle_date").cast(pl.Date))
-    return pl.concat([keys.cast(legs.select(cols).schema), agg.drop("k")], how="horizontal")
+    # The legs' types from the schema, not a select: that would realign all 200,000 legs (4 ms).
+    return pl.concat([keys.cast({c: legs.schema[c] for c in cols}), agg.drop("k")], how="horizontal")
 
 
 # What clearing computes per trade from the row and reference data alone; the money ones
