@@ -161,11 +161,12 @@ def peak_rss_mb() -> float:
 def run_one(paths: list[str], refdata: str, db: str, window: int | None, kill_at_rows: int = 0) -> dict:
     """One replay in this process; returns rate, window latencies, start-up and peak RSS.
     `kill_at_rows` > 0: SIGKILL this process once that many rows have committed."""
-    from settle_arrow.engine import replay
+    from settle_arrow.engine import WindowTiming, replay
 
     stamps: list[float] = []
     sizes: list[int] = []
     ready: list[float] = []
+    timings: list[WindowTiming] = []
 
     def on_window(rows: int, n: int) -> None:
         stamps.append(time.perf_counter())
@@ -175,11 +176,15 @@ def run_one(paths: list[str], refdata: str, db: str, window: int | None, kill_at
 
     started, started_wall, cpu = time.perf_counter(), time.time(), _cpu_s()
     report = replay(paths, refdata, db, window_rows=window or 1, batch=window is None, on_window=on_window,
-                    on_start=lambda _sources: ready.append(time.perf_counter()))
+                    on_start=lambda _sources: ready.append(time.perf_counter()), on_commit=timings.append)
     wall, cpu = time.perf_counter() - started, _cpu_s() - cpu
     # Window latency from one commit to the next: the first window also carries start-up
     # (reference data, recovery), so it is reported in wall time, not in the latencies.
-    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)] or [wall]
+    # Commit to commit, from the commits' own returns.
+    done = [t.committed_s for t in timings]
+    gaps = [b - a for a, b in zip(done, done[1:], strict=False)] or [wall]
+    latencies = [t.latency_s for t in timings] or [math.nan]
+    commits = [t.commit_s for t in timings] or [math.nan]
     steady = (sizes[-1] - sizes[0]) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else report.rows_read / wall
     spawned = float(os.environ.get("SETTLE_BENCH_SPAWNED", "nan"))  # wall clock at fork, set by the parent
     return {
@@ -188,14 +193,25 @@ def run_one(paths: list[str], refdata: str, db: str, window: int | None, kill_at
         "cpu_s": cpu,  # over the same span as `seconds`, every thread's
         "steady_trades_per_s": steady,
         "window_p50_ms": 1000 * statistics.median(gaps),
-        # Nearest-rank percentile: with few windows p99 is the slowest one.
-        "window_p99_ms": 1000 * sorted(gaps)[min(len(gaps), math.ceil(len(gaps) * 0.99)) - 1],
+        "window_p99_ms": 1000 * _p99(gaps),
+        # Each window from its input being complete (the reader cut it) to its commit's
+        # return: what VISION's "a window is committed in" measures, pipeline depth included.
+        "latency_p50_ms": 1000 * statistics.median(latencies),
+        "latency_p99_ms": 1000 * _p99(latencies),
+        # The commit's own time on the commit lane (outputs built, written, committed).
+        "commit_p50_ms": 1000 * statistics.median(commits),
+        "commit_p99_ms": 1000 * _p99(commits),
         "peak_rss_mb": peak_rss_mb(),
         # Reference data + opening the TARGET + rebuilding state, before the first window.
         "startup_s": ready[0] - started if ready else wall,
         # From process start (interpreter and imports included) to the first committed window.
         "first_commit_s": (stamps[0] - started) + (started_wall - spawned) if stamps else math.nan,
     }
+
+
+def _p99(values: list[float]) -> float:
+    """Nearest-rank 99th percentile: with few values it is the largest."""
+    return sorted(values)[min(len(values), math.ceil(len(values) * 0.99)) - 1]
 
 
 def _child(market: Path, refdata: str, target: str, window: int | None, kill_at_rows: int = 0) -> dict | None:
@@ -335,8 +351,9 @@ def targets(results: list[dict]) -> list[dict]:
             w10["trades_per_s"] >= 1e6)
         bound("--window 10,000", 1e6)
         budget("--window 10,000", w10, 1e6)
-        add("10,000-row windows, commit p99", "<= 50 ms", w10["window_p99_ms"], f"{w10['window_p99_ms']:,.0f} ms",
-            w10["window_p99_ms"] <= 50)
+        add("10,000-row windows, window latency p99 (input complete to committed)", "<= 50 ms",
+            w10["latency_p99_ms"], f"{w10['latency_p99_ms']:,.0f} ms (the commit alone {w10['commit_p99_ms']:,.0f} ms, "
+            f"commit to commit {w10['window_p99_ms']:,.0f} ms)", w10["latency_p99_ms"] <= 50)
     if streams:
         rss = max(r["peak_rss_mb"] for r in streams)
         add(f"streaming peak RSS ({streams[0]['rows']:,} trades)", "<= 4 GB (at 100 M trades)", rss, f"{rss / 1024:.2f} GB",

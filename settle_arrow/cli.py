@@ -238,14 +238,15 @@ def bench(
               f"{spec.trades:,} trades, {spec.accounts:,} accounts, {spec.securities:,} securities")
     results = _guard(run_bench, spec, echo=out.print)
     t = Table(title="settle-arrow bench")
-    cols = ("mode", "trades", "wall s", "trades/s", "x floor", "steady trades/s", "window p50 ms", "window p99 ms",
-            "start-up s", "peak RSS MB", "CPU us/trade")
+    cols = ("mode", "trades", "wall s", "trades/s", "x floor", "steady trades/s", "latency p50/p99 ms",
+            "commit p50/p99 ms", "commit to commit p50/p99 ms", "start-up s", "peak RSS MB", "CPU us/trade")
     for col in cols:
         t.add_column(col, justify="right")
     for r in results:
         t.add_row(r["mode"], f"{r['rows']:,}", f"{r['seconds']:.2f}", f"{r['trades_per_s']:,.0f}", f"{r['floor_ratio']:.1f}",
                   f"{r['steady_trades_per_s']:,.0f}" if "steady_trades_per_s" in r else "",
-                  f"{r.get('window_p50_ms', 0):.1f}", f"{r.get('window_p99_ms', 0):.1f}",
+                  *[f"{r[f'{m}_p50_ms']:.0f} / {r[f'{m}_p99_ms']:.0f}" if f"{m}_p50_ms" in r else ""
+                    for m in ("latency", "commit", "window")],
                   f"{r['startup_s']:.1f}" if "startup_s" in r else "", f"{r.get('peak_rss_mb', 0):,.0f}",
                   f"{r['cpu_us_per_trade']:.2f}" if "cpu_us_per_trade" in r else "")
     goals = Table(title="targets (VISION.md, issue 4)")
@@ -255,7 +256,7 @@ def bench(
         goals.add_row(g["target"], g["goal"], g["measured"],
                       "n/a at this scale" if g["met"] is None else "yes" if g["met"] else "no")
     # Benchmark output is mostly captured to logs: keep the tables whole at any width.
-    wide = Console(width=max(out.width, 160))
+    wide = Console(width=max(out.width, 200))
     wide.print(t)
     wide.print(goals)
 

@@ -82,6 +82,29 @@ class ReplayReport:
 
 
 @dataclasses.dataclass(frozen=True)
+class WindowTiming:
+    """When one committed window's input was complete (the reader cut its last piece), when
+    its commit began on the commit lane, and when that commit returned (durable); all
+    time.perf_counter() seconds of the replaying process."""
+
+    window_id: int
+    rows: int
+    input_complete_s: float
+    commit_started_s: float
+    committed_s: float
+
+    @property
+    def latency_s(self) -> float:
+        """Input complete to committed: what a reader of the TARGET waits for a window."""
+        return self.committed_s - self.input_complete_s
+
+    @property
+    def commit_s(self) -> float:
+        """The commit's own time (its outputs built, written and committed)."""
+        return self.committed_s - self.commit_started_s
+
+
+@dataclasses.dataclass(frozen=True)
 class _RawWindow:
     """One piece of a window: the whole window, or a part of one larger than PIECE_ROWS_MAX
     (`final` marks the piece that ends its window). Progress fields are cumulative over the
@@ -278,7 +301,10 @@ class Engine:
         sources: tuple[SourceFile, ...],
         window_rows: int | None = WINDOW_ROWS_DEFAULT,
         on_window: Callable[[int, int], None] | None = None,
+        on_commit: Callable[[WindowTiming], None] | None = None,
     ) -> ReplayReport:
+        """Replay `sources` (see module doc). After each window commits, in window order and
+        in this thread: on_window(rows read so far, windows so far) and on_commit(its timing)."""
         started = time.perf_counter()
         done = self.storage.source_progress()
         for src in sources:
@@ -297,17 +323,18 @@ class Engine:
             self._state_ahead = False
         # Reading, decoding and each stage's stateless work run one piece ahead in the
         # reader thread; window ids are assigned there, in order.
-        def ahead() -> Iterator[tuple[_RawWindow, Window]]:
+        def ahead() -> Iterator[tuple[_RawWindow, Window, float]]:
             next_id = window_id + 1
             for raw in _windows(sources, done, window_rows):
-                yield raw, self.prepare(next_id, raw.frame)
+                cut_s = time.perf_counter()  # the piece's input is complete
+                yield raw, self.prepare(next_id, raw.frame), cut_s
                 next_id += raw.final
 
         digests: list[str] = []  # of the open window's pieces so far
         rows_in_window = 0
         try:
             with CommitLane() as lane:
-                for raw, prepared in prefetch(ahead()):
+                for raw, prepared, cut_s in prefetch(ahead()):
                     window_id = prepared.window_id
                     window = self.process(prepared)
                     problems = checks.window_violations(window)
@@ -332,15 +359,23 @@ class Engine:
                     rows_in_window += raw.frame.height
                     digests.append(_digest(window))
                     done_cb = None
+                    stamps: list[float] = []  # the commit's start and end, stamped by the job
                     if raw.final:
                         windows += 1
-                        done_cb = (lambda r=read, w=windows: on_window(r, w)) if on_window else None
+
+                        def done_cb(r: int = read, w: int = windows, n: int = rows_in_window, wid: int = window_id,
+                                    cut: float = cut_s, at: list[float] = stamps) -> None:
+                            if on_window:
+                                on_window(r, w)
+                            if on_commit:
+                                on_commit(WindowTiming(wid, n, cut, *at))
+
                         checkpoint = {"source": raw.last_source, "offset": raw.last_offset, "rows": rows_in_window,
                                       "digest": digests[0] if len(digests) == 1 else _combine(digests)}
                         digests, rows_in_window = [], 0
                     else:
                         checkpoint = None
-                    lane.submit(self._commit_job(window, raw, len(self.state.holdings), checkpoint), done_cb)
+                    lane.submit(self._commit_job(window, raw, len(self.state.holdings), checkpoint, stamps), done_cb)
         except BaseException:
             self.storage.abort_window()  # pieces of an unfinished window never commit
             raise
@@ -363,14 +398,16 @@ class Engine:
         )
 
     def _commit_job(self, window: Window, raw: _RawWindow, holdings_rows: int,
-                    checkpoint: dict[str, object] | None) -> Callable[[], None]:
+                    checkpoint: dict[str, object] | None, stamps: list[float]) -> Callable[[], None]:
         """One piece's appends, and for the piece that ends its window the commit (with
         `checkpoint`) and any compaction it makes due, as one job for the commit lane. Jobs
         run one at a time in window order, so the row counters they keep are only ever
-        touched by the job running."""
+        touched by the job running. The final piece's job appends its start and the
+        commit's return (perf_counter seconds) to `stamps`."""
         dims, ref, storage = self.dims, self.refdata, self.storage
 
         def job() -> None:
+            started_s = time.perf_counter()
             for name in schema.DELTAS:
                 self._delta_rows[name] += window.frames[name].height
             self._legs_since_snapshot += 2 * window.frames["cleared"].height
@@ -383,6 +420,7 @@ class Engine:
                    if self._delta_rows[name] > max(COMPACT_ROWS_MIN, COMPACT_GROWTH * self._folded_rows[name])]
             snapshot = self._legs_since_snapshot > max(COMPACT_ROWS_MIN, SNAPSHOT_GROWTH * holdings_rows)
             storage.commit_window(window.window_id, appends, checkpoint, raw.progress)
+            stamps.extend((started_s, time.perf_counter()))
             for name in due:
                 self._folded_rows[name] = self._delta_rows[name] = storage.compact(name)
             if snapshot:
@@ -400,6 +438,7 @@ def replay(
     batch: bool = False,
     on_window: Callable[[int, int], None] | None = None,
     on_start: Callable[[tuple[SourceFile, ...]], None] | None = None,
+    on_commit: Callable[[WindowTiming], None] | None = None,
 ) -> ReplayReport:
     """Replay trade files into TARGET (the library call the CLI `replay` wraps)."""
     if not batch and not 1 <= window_rows <= WINDOW_ROWS_MAX:
@@ -414,6 +453,6 @@ def replay(
         engine = Engine(storage, ref)
         if on_start:
             on_start(sources)
-        return engine.run(sources, None if batch else window_rows, on_window)
+        return engine.run(sources, None if batch else window_rows, on_window, on_commit)
     finally:
         storage.close()

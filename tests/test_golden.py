@@ -59,17 +59,26 @@ def test_frozen_and_spilled_state_keeps_the_digests(new_target, tmp_path, monkey
     assert list((tmp_path / "spill").iterdir()) == [], "spill files are unlinked once mapped"
 
 
-@pytest.mark.parametrize("window", [5_000, None], ids=["window-5000", "batch"])
+@pytest.mark.parametrize("window", [777, 5_000, None], ids=["window-777", "window-5000", "batch"])
 def test_windows_processed_in_pieces_keep_the_digests(new_target, monkeypatch, window):
     """A window larger than PIECE_ROWS_MAX is processed piece by piece inside its one
-    transaction: same tables, and still one checkpoint per window."""
+    transaction: same tables, and still one checkpoint per window, and one timing per
+    window (on_commit), in window order: its input complete before its commit began, and
+    that before the commit returned."""
     from settle_arrow import engine
 
     monkeypatch.setattr(engine, "PIECE_ROWS_MAX", 333)
     db = new_target()
-    report = replay([str(SAMPLE / "trades")], str(SAMPLE / "refdata"), db, window_rows=window or 1, batch=window is None)
+    timings: list[engine.WindowTiming] = []
+    report = replay([str(SAMPLE / "trades")], str(SAMPLE / "refdata"), db, window_rows=window or 1, batch=window is None,
+                    on_commit=timings.append)
     assert _digests(db) == GOLDEN
     with open_target(db) as t:
         checkpoints = t.arrow("checkpoints").filter(pc.greater(t.arrow("checkpoints")["window_id"], 0))
     assert checkpoints.num_rows == report.windows == (1 if window is None else -(-report.rows_read // window))
     assert pc.sum(checkpoints["rows"]).as_py() == report.rows_read
+    assert [(t.window_id, t.rows) for t in timings] == list(zip(checkpoints["window_id"].to_pylist(),
+                                                                checkpoints["rows"].to_pylist(), strict=True))
+    assert all(t.input_complete_s < t.commit_started_s < t.committed_s for t in timings)
+    assert all(a.committed_s < b.commit_started_s for a, b in zip(timings, timings[1:], strict=False))
+    assert all(t.latency_s >= t.commit_s > 0 for t in timings)
