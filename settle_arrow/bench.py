@@ -178,9 +178,8 @@ def run_one(paths: list[str], refdata: str, db: str, window: int | None, kill_at
     report = replay(paths, refdata, db, window_rows=window or 1, batch=window is None, on_window=on_window,
                     on_start=lambda _sources: ready.append(time.perf_counter()), on_commit=timings.append)
     wall, cpu = time.perf_counter() - started, _cpu_s() - cpu
-    # Window latency from one commit to the next: the first window also carries start-up
-    # (reference data, recovery), so it is reported in wall time, not in the latencies.
-    # Commit to commit, from the commits' own returns.
+    # Commit to commit, from the commits' own returns: the first window's wait also carries
+    # start-up (reference data, recovery), so it is in the wall time, not in these gaps.
     done = [t.committed_s for t in timings]
     gaps = [b - a for a, b in zip(done, done[1:], strict=False)] or [wall]
     latencies = [t.latency_s for t in timings] or [math.nan]

@@ -84,7 +84,8 @@ class ReplayReport:
 @dataclasses.dataclass(frozen=True)
 class WindowTiming:
     """When one committed window's input was complete (the reader cut its last piece), when
-    its commit began on the commit lane, and when that commit returned (durable); all
+    the commit job of that last piece began on the commit lane (a window in pieces staged
+    the earlier ones before), and when its commit returned (durable); all
     time.perf_counter() seconds of the replaying process."""
 
     window_id: int
