@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from settle_arrow import money, schema
 from settle_arrow.refdata import RefData
+from settle_arrow.state import sort_keys
 from settle_arrow.storage.base import Storage
 
 FEE_COLS = [f"{side}_{col}" for side in ("buy", "sell") for col in schema.FEE_COLUMNS.values()]
@@ -69,7 +70,7 @@ def _assign(storage: Storage, table: str, keys: pl.DataFrame) -> tuple[np.ndarra
     )
     new_rows = joined.filter(missing).select(["id", *cols]).to_arrow()
     ids = joined["id"].to_numpy().astype(np.int32)
-    ordered = np.sort(ids)
+    ordered = sort_keys(ids)
     assert not (ordered[1:] == ordered[:-1]).any(), f"{table}: two keys share an id"
     return ids, new_rows
 

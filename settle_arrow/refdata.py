@@ -31,7 +31,7 @@ from settle_arrow import schema
 from settle_arrow.errors import UserError
 from settle_arrow.io.files import SourceError, read_frame
 from settle_arrow.io.parse import ColumnTypeError, coerce
-from settle_arrow.state import stable_sort
+from settle_arrow.state import sort_keys, stable_sort
 
 RATE_SCALE = 10**8
 SMALL_DOMAIN_MAX = 4096  # StringIndex: below this many values, look up by exact replace
@@ -67,14 +67,14 @@ class StringIndex:
         self._small = len(values) <= small_max
         hashes = self._values.hash(**_HASH_SEEDS).to_numpy() | np.uint64(1)  # 0 marks an empty slot
         # Two reference strings sharing a hash would hide one of them: exact joins instead.
-        ordered = np.sort(hashes)
+        ordered = sort_keys(hashes)
         self._exact_only = bool((ordered[1:] == ordered[:-1]).any())
         capacity = 1 << max(4, int(2 * max(1, len(hashes)) - 1).bit_length())  # load <= 1/2
         self._mask = np.uint64(capacity - 1)
         # Linear probing without wrap-around, placed in one pass: in home-slot order each key
         # takes the first free slot at or after its home, i.e. a running maximum.
         home = (hashes & self._mask).astype(np.int64)
-        order = np.argsort(home, kind="stable")
+        order, _ = stable_sort(home)
         rank = np.arange(len(order))
         pos = np.maximum.accumulate(home[order] - rank) + rank if len(order) else rank
         self._probes_max = int((pos - home[order]).max()) + 1 if len(pos) else 0
@@ -110,24 +110,10 @@ class StringIndex:
             ref = pl.DataFrame({"v": self._values, "id": np.arange(len(self._values))})
             out = pl.DataFrame({"v": keys}).join(ref, on="v", how="left", maintain_order="left")
             return out["id"].fill_null(-1).to_numpy().astype(np.int64)
-        hashes = keys.hash(**_HASH_SEEDS).to_numpy() | np.uint64(1)
-        # At load <= 1/2 most keys sit in their home slot: the first probe runs over all keys
-        # without an index array, later probes over the few still pending (10 M keys:
-        # 0.6-1.0 s -> 0.45 s, measured).
-        home = (hashes & self._mask).astype(np.int64)
-        slot = np.take(self._slots, home, axis=0)
-        seen = slot[:, 0]
-        hit = seen == hashes
-        cand = slot[:, 1].view(np.int64).copy()
-        cand[~hit] = -1
-        pending = np.flatnonzero(~hit & (seen != 0))
-        for probe in range(1, self._probes_max):
-            if not len(pending):
-                break
-            slot = np.take(self._slots, home[pending] + probe, axis=0)
-            hit = slot[:, 0] == hashes[pending]
-            cand[pending[hit]] = slot[hit, 1].view(np.int64)
-            pending = pending[~hit & (slot[:, 0] != 0)]
+        # Imported here: numba loads in the background at start-up (kernel_loader).
+        from settle_arrow.kernels import probe_slots
+
+        cand = probe_slots(self._slots, keys.hash(**_HASH_SEEDS).to_numpy() | np.uint64(1), self._mask)
         found = cand >= 0
         same = np.zeros(len(keys), dtype=bool)
         same[found] = (self._values.gather(cand[found]) == keys.filter(pl.Series(found))).fill_null(False).to_numpy()
@@ -414,5 +400,5 @@ def _rows_digest(hold: pl.DataFrame) -> str:
     """An order-independent fingerprint: sorted row hashes. Polars hashes may change between
     Polars versions, so a mismatch is only a hint (the engine then compares exactly)."""
     digest = hashlib.sha256(f"polars-{pl.__version__}:".encode())
-    digest.update(np.sort(hold.hash_rows(seed=7).to_numpy()).tobytes())
+    digest.update(sort_keys(hold.hash_rows(seed=7).to_numpy()).tobytes())
     return digest.hexdigest()

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from settle_arrow import money
-from settle_arrow.kernels import fees_fen, find_in_run
+from settle_arrow.kernels import fees_fen, find_in_run, probe_slots
 
 U64_MAX = (1 << 64) - 1
 
@@ -128,3 +128,37 @@ def test_warm_loads_every_type_the_state_passes(tmp_path):
     fees = set(kernels._fees_fen.signatures)
     fees_fen(np.arange(3, dtype=np.int64), np.zeros(3, dtype=np.int64), np.ones((1, 8, 2), dtype=np.int64))
     assert fees and set(kernels._fees_fen.signatures) == fees
+
+
+def _linear_probing_table(hashes: list[int], mask: int) -> np.ndarray:
+    """(hash, id) slots as StringIndex places them, one key at a time: each at the first
+    empty slot at or after its home (hash & mask), the table grown past the end as needed."""
+    slots = np.zeros((mask + 1, 2), dtype=np.uint64)
+    for i, h in enumerate(hashes):
+        s = h & mask
+        while s < len(slots) and slots[s, 0]:
+            s += 1
+        if s == len(slots):
+            slots = np.vstack([slots, np.zeros((1, 2), dtype=np.uint64)])
+        slots[s] = (h, i)
+    return slots
+
+
+@settings(max_examples=300, deadline=None)
+@given(keys=st.lists(st.integers(0, U64_MAX >> 1), unique=True, max_size=60),
+       probe=st.lists(st.integers(0, U64_MAX >> 1), max_size=60), bits=st.integers(0, 7), pad=st.integers(0, 3))
+def test_probe_slots_is_a_dict_lookup(keys, probe, bits, pad):
+    """Every stored hash finds its id and any other hash -1, through chains of collisions
+    (a mask of a few bits packs clusters) that may run to the table's last slot."""
+    hashes = [2 * k + 1 for k in keys]
+    slots = _linear_probing_table(hashes, (1 << bits) - 1)
+    slots = np.vstack([slots, np.zeros((pad, 2), dtype=np.uint64)])
+    ids = {h: i for i, h in enumerate(hashes)}
+    asked = [*hashes, *(2 * p + 1 for p in probe)]
+    got = probe_slots(slots, np.array(asked, dtype=np.uint64), np.uint64((1 << bits) - 1))
+    assert got.tolist() == [ids.get(h, -1) for h in asked]
+
+
+def test_probe_slots_refuses_even_hashes():
+    with pytest.raises(AssertionError, match="odd"):
+        probe_slots(np.zeros((4, 2), dtype=np.uint64), np.array([3, 4], dtype=np.uint64), np.uint64(3))
