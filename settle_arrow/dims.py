@@ -14,6 +14,7 @@ reference-data order, so the same inputs give the same ids on every backend.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import numpy as np
 import polars as pl
@@ -21,7 +22,7 @@ import pyarrow as pa
 
 from settle_arrow import money, schema
 from settle_arrow.refdata import RefData
-from settle_arrow.state import sort_keys
+from settle_arrow.state import argsort_keys, sort_keys
 from settle_arrow.storage.base import Storage
 
 FEE_COLS = [f"{side}_{col}" for side in ("buy", "sell") for col in schema.FEE_COLUMNS.values()]
@@ -106,6 +107,25 @@ def opening_ids(ref: RefData, dims: DimIds) -> pl.DataFrame:
         },
         schema={"acct_id": pl.Int32, "sec_id": pl.Int32, "quantity": pl.Int64},
     )
+
+
+def opening_fingerprint(ids: pl.DataFrame) -> str:
+    """Fingerprint of opening holdings in storage encoding (opening_ids): sha256 of the rows
+    in (acct_id, sec_id) order. Dimension ids never change meaning, so equal fingerprints are
+    equal holdings whatever the order of the files' rows or of the reference data's; the
+    rows come in that order when the ids follow reference order (the common case), else
+    they are sorted first. Hashing 10 M rows costs ~0.1 s, where sorting hashes of the
+    file's string rows cost ~0.9 s beside the load (measured)."""
+    key = ids["acct_id"].to_numpy().astype(np.int64) << 32
+    key |= ids["sec_id"].to_numpy().astype(np.int64)
+    quantity = ids["quantity"].to_numpy()
+    if len(key) > 1 and not bool((key[1:] > key[:-1]).all()):
+        order = argsort_keys(key)
+        key, quantity = key[order], quantity[order]
+    h = hashlib.sha256(f"opening-ids-v1:{len(key)}:".encode())
+    h.update(np.ascontiguousarray(key, dtype="<i8").data)
+    h.update(np.ascontiguousarray(quantity, dtype="<i8").data)
+    return h.hexdigest()
 
 
 def trade_facts(cleared: pl.DataFrame, ref: RefData, dims: DimIds) -> pl.DataFrame:

@@ -29,7 +29,7 @@ import polars as pl
 import pyarrow as pa
 
 from settle_arrow import checks, schema
-from settle_arrow.dims import opening_ids, sync_dims, trade_facts, with_sources
+from settle_arrow.dims import opening_fingerprint, opening_ids, sync_dims, trade_facts, with_sources
 from settle_arrow.errors import SelfCheckError, UserError
 from settle_arrow.io.files import SourceError, SourceFile, discover, read_frames, read_schema
 from settle_arrow.io.parse import ColumnTypeError, coerce, to_text
@@ -254,7 +254,8 @@ class Engine:
         ref = self.refdata
         if digest is None:
             empty = self.storage.count("checkpoints") == 0
-            self.storage.init_opening(opening_ids(ref, self.dims).to_arrow(), ref.opening_digest, ref.opening_file_sha256)
+            ids = opening_ids(ref, self.dims)
+            self.storage.init_opening(ids.to_arrow(), opening_fingerprint(ids), ref.opening_file_sha256)
             if not empty:
                 return None
             state = EngineState(n_sec=ref.n_sec)
@@ -264,7 +265,7 @@ class Engine:
             return state
         elif meta.get("opening_file_sha256") == ref.opening_file_sha256:
             return None  # the very file the TARGET was started with: nothing to load or compare
-        elif digest != ref.opening_digest and not self._same_opening():
+        elif digest != opening_fingerprint(opening_ids(ref, self.dims)) and not self._same_opening():
             raise RefDataError(
                 f"reference holdings differ from the opening holdings {self.storage.url} was started with"
             )

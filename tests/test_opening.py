@@ -26,9 +26,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from market import T1, trade, write_refdata, write_trades
 
-from settle_arrow import open_target, replay, schema
+from settle_arrow import engine, open_target, replay, schema
 from settle_arrow import refdata as refdata_module
-from settle_arrow.refdata import RefData, RefDataError, load_refdata
+from settle_arrow.refdata import RefDataError, load_refdata
 
 OPENING = [
     ("A1", "XSHG", "600000", 5000),
@@ -249,22 +249,36 @@ def test_restart_same_file_does_not_load_holdings(started, monkeypatch):
     pytest.param(lambda ref: holdings_parquet(ref, OPENING[::-1]), id="parquet-reordered"),
     pytest.param(lambda ref: holdings_csv(ref, OPENING), id="csv-same-order"),
     pytest.param(lambda ref: holdings_csv(ref, [OPENING[1], OPENING[2], OPENING[0]]), id="csv-reordered"),
+    # Reference rows in another order: acct_idx changes, the stored ids do not.
+    pytest.param(lambda ref: (_reverse_rows(ref / "accounts.parquet"), holdings_parquet(ref, OPENING[::-1])),
+                 id="accounts-reordered"),
 ])
-def test_restart_same_rows_other_bytes_accepted(started, rewrite):
+def test_restart_same_rows_other_bytes_accepted(started, rewrite, monkeypatch):
+    """Accepted on the fingerprint alone: no exact comparison with the stored rows."""
     ref, (t1, t2), db = started
     before = (ref / "holdings.parquet").read_bytes()
     rewrite(ref)
     now = next(p for p in ref.iterdir() if p.stem == "holdings")
     assert now.read_bytes() != before  # the sha256 shortcut does not apply
+
+    def exact(_self):
+        raise AssertionError("the fingerprint of the same rows differed")
+
+    monkeypatch.setattr(engine.Engine, "_same_opening", exact)
     replay([str(t1), str(t2)], str(ref), db, window_rows=1)
     assert trade_count(db) == 4
     assert holdings(db) == AFTER_SECOND
 
 
+def _reverse_rows(path: Path) -> None:
+    table = pq.read_table(path)
+    pq.write_table(table.take(list(range(table.num_rows))[::-1]), path)
+
+
 def _fingerprint_differs(monkeypatch) -> None:
     """Make the row fingerprint disagree with the stored one (as after a Polars upgrade that
     changes row hashes), so the engine must compare the rows exactly."""
-    monkeypatch.setattr(RefData, "opening_digest", property(lambda self: "0" * 64))
+    monkeypatch.setattr(engine, "opening_fingerprint", lambda ids: "0" * 64)
 
 
 def test_restart_exact_comparison_accepts_same_rows(started, monkeypatch):
