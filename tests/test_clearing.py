@@ -143,12 +143,11 @@ _CLEARED = _cleared()
 @given(picks=st.lists(st.tuples(st.integers(0, _CLEARED.height - 1), st.integers(0, 20_000)), max_size=80),
        cycles=st.integers(1, 9))
 def test_netting_by_packed_keys_equals_grouping_on_columns(picks, cycles):
-    """Securities and cash obligations through one packed int64 key per leg equal the same
-    grouped on the key columns (the path for keys too wide to pack) and Python's sums, rows
-    in key order, for windows spanning up to 20,000 days and settlement offsets up to 8 days."""
+    """Securities and cash obligations through one packed int64 key per leg, summed in a
+    slot per key or hash-grouped, equal the same grouped on the key columns (the path for
+    keys too wide to pack) and Python's sums, rows in key order, for windows spanning up to
+    20,000 days and settlement offsets up to 8 days."""
     import datetime as dt
-
-    import settle_arrow.stages.clearing as clearing
 
     rows = [i for i, _ in picks]
     shift = pl.Series([dt.timedelta(days=d) for _, d in picks], dtype=pl.Duration("ms"))
@@ -160,14 +159,16 @@ def test_netting_by_packed_keys_equals_grouping_on_columns(picks, cycles):
         (pl.col("trade_date") + shift + late).alias("securities_settle_date"),
         (pl.col("trade_date") + shift + late).alias("cash_settle_date"),
     ) if rows else _CLEARED.clear()
-    packed = _obligations(c, REF)
-    saved = clearing.PACKED_KEY_MAX
-    clearing.PACKED_KEY_MAX = 0
-    try:
+    # Packed keys summed in slots (however wide the span), packed keys hash-grouped, and the
+    # key columns grouped (packing refused).
+    with mock.patch.object(clearing, "DENSE_GROUPS_MIN", 1 << 40):
+        packed = _obligations(c, REF)
+    with mock.patch.object(clearing, "DENSE_GROUPS_MIN", 0), mock.patch.object(clearing, "DENSE_GROUPS_PER_LEG", 0):
+        hashed = _obligations(c, REF)
+    with mock.patch.object(clearing, "PACKED_KEY_MAX", 0):
         columns = _obligations(c, REF)
-    finally:
-        clearing.PACKED_KEY_MAX = saved
-    assert packed[0].equals(columns[0]) and packed[1].equals(columns[1])
+    for other in (hashed, columns):
+        assert packed[0].equals(other[0]) and packed[1].equals(other[1])
     sec = packed[0]
     keys = ["market", "trade_date", "securities_settle_date", "participant_id", "security_id"]
     assert sec.select(keys).rows() == sorted(sec.select(keys).rows())

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from settle_arrow import money
-from settle_arrow.kernels import fees_fen, find_in_run, probe_slots
+from settle_arrow.kernels import fees_fen, find_in_run, net_cash, net_quantities, probe_slots
 
 U64_MAX = (1 << 64) - 1
 
@@ -162,3 +162,55 @@ def test_probe_slots_is_a_dict_lookup(keys, probe, bits, pad):
 def test_probe_slots_refuses_even_hashes():
     with pytest.raises(AssertionError, match="odd"):
         probe_slots(np.zeros((4, 2), dtype=np.uint64), np.array([3, 4], dtype=np.uint64), np.uint64(3))
+
+
+legs = st.integers(0, 40).flatmap(lambda n: st.tuples(
+    st.integers(1, 6),
+    st.lists(st.integers(-(10**12), 10**12), min_size=n, max_size=n),
+    st.lists(st.integers(0, 5), min_size=n, max_size=n),
+    st.lists(st.integers(0, 5), min_size=n, max_size=n),
+    st.lists(st.lists(st.integers(-(10**9), 10**9), min_size=n, max_size=n), min_size=2, max_size=2),
+))
+
+
+@settings(max_examples=200, deadline=None)
+@given(legs=legs)
+def test_net_quantities_is_add_at(legs):
+    """Each buy leg adds (q, q, 0, 1) to its group, each sell leg (-q, 0, q, 1) to its own."""
+    groups, q, buy, sell, _ = legs
+    buy, sell, q = (np.array([g % groups for g in buy], dtype=np.int64), np.array([g % groups for g in sell], dtype=np.int64),
+                    np.array(q, dtype=np.int64))
+    want = np.zeros((4, groups), dtype=np.int64)
+    for group, values in ((buy, (q, q, 0 * q)), (sell, (-q, 0 * q, q))):
+        for c, v in enumerate(values):
+            np.add.at(want[c], group, v)
+        np.add.at(want[3], group, 1)
+    assert np.array_equal(net_quantities(buy, sell, q, groups), want)
+
+
+@settings(max_examples=200, deadline=None)
+@given(legs=legs)
+def test_net_cash_is_add_at(legs):
+    """Each buy leg adds (-amount - its fees, amount, 0, its fees, 1) to its group, each sell
+    leg (amount - its fees, 0, amount, its fees, 1) to its own."""
+    groups, amount, buy, sell, fee_lists = legs
+    buy, sell = (np.array([g % groups for g in side], dtype=np.int64) for side in (buy, sell))
+    a = np.array(amount, dtype=np.int64)
+    # Two fee columns per side, different on each side.
+    fees = {"buy": np.array([fee_lists[0], fee_lists[1]], dtype=np.int64).reshape(2, len(a)),
+            "sell": np.array([fee_lists[1], fee_lists[0]], dtype=np.int64).reshape(2, len(a)) * 3}
+    want = np.zeros((6, groups), dtype=np.int64)
+    for group, side, net, bought, sold in ((buy, "buy", -a - fees["buy"].sum(axis=0), a, 0 * a),
+                                          (sell, "sell", a - fees["sell"].sum(axis=0), 0 * a, a)):
+        for c, v in enumerate((net, bought, sold, *fees[side])):
+            np.add.at(want[c], group, v)
+        np.add.at(want[5], group, 1)
+    assert np.array_equal(net_cash(buy, sell, a, fees["buy"], fees["sell"], groups), want)
+
+
+def test_netting_kernels_refuse_groups_out_of_range():
+    one = np.ones(1, dtype=np.int64)
+    with pytest.raises(AssertionError, match="group"):
+        net_quantities(one, one, one, 1)
+    with pytest.raises(AssertionError, match="group"):
+        net_cash(one, one, one, one.reshape(1, 1), one.reshape(1, 1), 1)
