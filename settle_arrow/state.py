@@ -257,8 +257,11 @@ class SortedRuns:
             # Copies: payload columns are updated in place later; inputs may be read-only views.
             run = (keys.copy(), {c: np.array(v, dtype=self.payload_types[c]) for c, v in payload.items()})
         else:
-            order = argsort_keys(keys)  # the keys are unique
-            run = (keys[order], {c: np.asarray(v, dtype=self.payload_types[c])[order] for c, v in payload.items()})
+            if payload:
+                order = argsort_keys(keys)  # the keys are unique
+                run = (keys[order], {c: np.asarray(v, dtype=self.payload_types[c])[order] for c, v in payload.items()})
+            else:  # keys alone: a sort, no order to gather by (100 k keys: 2.6 against 5.8 ms)
+                run = (sort_keys(keys), {})
             assert bool((run[0][1:] > run[0][:-1]).all()), "keys must be unique"
         self.runs.append(run)
         while len(self.runs) - self.n_frozen >= 2 and len(self.runs[-2][0]) <= 2 * len(self.runs[-1][0]):
