@@ -229,21 +229,21 @@ class SortedRuns:
 
     def gather(self, column: str, run_of: np.ndarray, pos_of: np.ndarray, fill=0) -> np.ndarray:
         """Payload `column` at found positions; `fill` where not found."""
+        from settle_arrow.kernels import gather_found  # numba loads in the background (see find)
+
         out = np.full(len(run_of), fill, dtype=self.payload_types[column])
         for r, (_, cols) in enumerate(self.runs):
-            sel = run_of == r
-            if sel.any():
-                out[sel] = cols[column][pos_of[sel]]
+            gather_found(cols[column], run_of, pos_of, r, out)
         return out
 
     def add_at(self, column: str, run_of: np.ndarray, pos_of: np.ndarray, delta: np.ndarray) -> None:
         """payload[column] += delta at found positions (keys unique, so no collisions)."""
         assert self.spill_dir is None, "spilled runs are read-only"
+        from settle_arrow.kernels import add_found
+
         self.version += 1
         for r, (_, cols) in enumerate(self.runs):
-            sel = run_of == r
-            if sel.any():
-                cols[column][pos_of[sel]] += delta[sel]
+            add_found(cols[column], run_of, pos_of, r, delta)
 
     def insert(self, keys: np.ndarray, payload: dict[str, np.ndarray] | None = None) -> None:
         """Add keys that are not present yet (caller guarantees uniqueness)."""

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from settle_arrow import money
-from settle_arrow.kernels import fees_fen, find_in_run, net_cash, net_quantities, probe_slots
+from settle_arrow.kernels import add_found, fees_fen, find_in_run, gather_found, net_cash, net_quantities, probe_slots
 
 U64_MAX = (1 << 64) - 1
 
@@ -214,3 +214,37 @@ def test_netting_kernels_refuse_groups_out_of_range():
         net_quantities(one, one, one, 1)
     with pytest.raises(AssertionError, match="group"):
         net_cash(one, one, one, one.reshape(1, 1), one.reshape(1, 1), 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(column=st.lists(st.integers(-(2**31), 2**31 - 1), min_size=1, max_size=30), data=st.data(),
+       dtype=st.sampled_from([np.int32, np.int64]), writable=st.booleans())
+def test_gather_and_add_found_are_masked_fancy_indexing(column, data, dtype, writable):
+    """Only the rows found in run r read (or add to) the column; the others keep their fill."""
+    n = data.draw(st.integers(0, 40))
+    run_of = np.array(data.draw(st.lists(st.integers(-1, 2), min_size=n, max_size=n)), dtype=np.int64)
+    pos_of = np.array(data.draw(st.lists(st.integers(0, len(column) - 1), min_size=n, max_size=n)), dtype=np.int64)
+    col = np.array(column, dtype=dtype)
+    col.flags.writeable = writable
+    out = np.full(n, 7, dtype=dtype)
+    gather_found(col, run_of, pos_of, 1, out)
+    want = np.full(n, 7, dtype=dtype)
+    want[run_of == 1] = col[pos_of[run_of == 1]]
+    assert np.array_equal(out, want)
+    if dtype is np.int64:
+        # Distinct positions, as SortedRuns' keys are unique.
+        pos_of = np.arange(n, dtype=np.int64) % max(1, len(column))
+        run_of[np.arange(n) >= len(column)] = -1
+        delta = np.arange(n, dtype=np.int64) - 3
+        col, want = np.array(column, dtype=np.int64), np.array(column, dtype=np.int64)
+        add_found(col, run_of, pos_of, 1, delta)
+        want[pos_of[run_of == 1]] += delta[run_of == 1]
+        assert np.array_equal(col, want)
+
+
+def test_gather_and_add_found_refuse_positions_outside_the_column():
+    col, found = np.zeros(3, dtype=np.int64), np.zeros(1, dtype=np.int64)
+    with pytest.raises(IndexError, match="out of range"):
+        gather_found(col, found, np.array([3]), 0, np.zeros(1, dtype=np.int64))
+    with pytest.raises(IndexError, match="out of range"):
+        add_found(col, found, np.array([-1]), 0, np.ones(1, dtype=np.int64))
