@@ -210,14 +210,17 @@ def net_cash(buy_group: np.ndarray, sell_group: np.ndarray, amount: np.ndarray, 
 
 
 @numba.njit(cache=True, nogil=True)
+def _in_column(p, n):  # noqa: ANN001, ANN202
+    if p < 0 or p >= n:
+        raise IndexError("position out of range")
+    return p
+
+
+@numba.njit(cache=True, nogil=True)
 def _gather_found(column, run_of, pos_of, r, out):  # noqa: ANN001, ANN202
-    n = column.shape[0]
     for i in range(run_of.shape[0]):
         if run_of[i] == r:
-            p = pos_of[i]
-            if p < 0 or p >= n:
-                raise IndexError("position out of range")
-            out[i] = column[p]
+            out[i] = column[_in_column(pos_of[i], column.shape[0])]
 
 
 def gather_found(column: np.ndarray, run_of: np.ndarray, pos_of: np.ndarray, r: int, out: np.ndarray) -> None:
@@ -232,13 +235,9 @@ def gather_found(column: np.ndarray, run_of: np.ndarray, pos_of: np.ndarray, r: 
 
 @numba.njit(cache=True, nogil=True)
 def _add_found(column, run_of, pos_of, r, delta):  # noqa: ANN001, ANN202
-    n = column.shape[0]
     for i in range(run_of.shape[0]):
         if run_of[i] == r:
-            p = pos_of[i]
-            if p < 0 or p >= n:
-                raise IndexError("position out of range")
-            column[p] += delta[i]
+            column[_in_column(pos_of[i], column.shape[0])] += delta[i]
 
 
 def add_found(column: np.ndarray, run_of: np.ndarray, pos_of: np.ndarray, r: int, delta: np.ndarray) -> None:
