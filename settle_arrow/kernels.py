@@ -249,26 +249,32 @@ def add_found(column: np.ndarray, run_of: np.ndarray, pos_of: np.ndarray, r: int
     _add_found(column, run_of, pos_of, r, delta)
 
 
+def _flagged(a: np.ndarray, writable: bool) -> np.ndarray:
+    a.flags.writeable = writable
+    return a
+
+
 def warm() -> None:
     """Load every kernel for each argument type the engine passes (signed holding keys,
-    unsigned trade keys, writable or spilled read-only runs): each loads once, from the
-    on-disk cache or compiled on a first run."""
+    unsigned trade keys, writable or spilled read-only runs, probes and columns that
+    Polars hands over read-only): each loads once, from the on-disk cache or compiled on a
+    first run, so no window waits on a compile (tests/test_kernels.py replays to check)."""
+    zeros = np.zeros(1, dtype=np.int64)
     for dtype in (np.int64, np.uint64):
-        for writable in (True, False):
-            run = np.arange(4, dtype=dtype)
-            run.flags.writeable = writable
-            probe = np.arange(2, dtype=dtype)
-            for sample, stride in ((None, 1), (run[::2].copy(), 2)):
-                find_in_run(run, probe, 0, 2, 0, np.full(2, -1, dtype=np.int64), np.zeros(2, dtype=np.int64),
-                            sample, stride)
-    fees_fen(np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64), np.zeros((1, 1, 1), dtype=np.int64))
+        for run_writable in (True, False):
+            for probe_writable in (True, False):
+                run = _flagged(np.arange(4, dtype=dtype), run_writable)
+                probe = _flagged(np.arange(2, dtype=dtype), probe_writable)
+                for sample, stride in ((None, 1), (run[::2].copy(), 2)):
+                    find_in_run(run, probe, 0, 2, 0, np.full(2, -1, dtype=np.int64), np.zeros(2, dtype=np.int64),
+                                sample, stride)
+    fees_fen(zeros, zeros, np.zeros((1, 1, 1), dtype=np.int64))
     probe_slots(np.zeros((2, 2), dtype=np.uint64), np.ones(1, dtype=np.uint64), np.uint64(1))
-    found = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
     for dtype in (np.int32, np.int64):  # payload columns (state.ACCEPTED_PAYLOAD, holdings)
         for writable in (True, False):  # spilled runs are mapped read-only
-            column = np.zeros(1, dtype=dtype)
-            column.flags.writeable = writable
-            gather_found(column, *found, 0, np.zeros(1, dtype=dtype))
-    add_found(np.zeros(1, dtype=np.int64), *found, 0, np.zeros(1, dtype=np.int64))
-    net_quantities(*(np.zeros(1, dtype=np.int64),) * 3, 1)
-    net_cash(*(np.zeros(1, dtype=np.int64),) * 3, *(np.zeros((1, 1), dtype=np.int64),) * 2, 1)
+            gather_found(_flagged(np.zeros(1, dtype=dtype), writable), zeros, zeros, 0, np.zeros(1, dtype=dtype))
+    add_found(np.zeros(1, dtype=np.int64), zeros, zeros, 0, zeros)
+    for writable in (True, False):  # quantities and amounts straight from Polars are read-only
+        values = _flagged(np.zeros(1, dtype=np.int64), writable)
+        net_quantities(zeros, zeros, values, 1)
+        net_cash(zeros, zeros, values, *(np.zeros((1, 1), dtype=np.int64),) * 2, 1)

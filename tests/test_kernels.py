@@ -3,6 +3,9 @@ it accepts, for every dtype it is called with; and refuses the inputs it does no
 
 from __future__ import annotations
 
+from unittest import mock
+
+import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -128,6 +131,22 @@ def test_warm_loads_every_type_the_state_passes(tmp_path):
     fees = set(kernels._fees_fen.signatures)
     fees_fen(np.arange(3, dtype=np.int64), np.zeros(3, dtype=np.int64), np.ones((1, 8, 2), dtype=np.int64))
     assert fees and set(kernels._fees_fen.signatures) == fees
+
+
+def test_warm_covers_every_kernel_a_replay_calls(tmp_path):
+    """After kernels.warm(), replaying the bundled sample in small windows (new and spilled
+    state, X rows, netting, lookups) compiles no kernel for another argument type."""
+    from pathlib import Path
+
+    from settle_arrow import engine, kernels, state
+
+    kernels.warm()
+    dispatchers = [getattr(kernels, n) for n in dir(kernels) if isinstance(getattr(kernels, n), numba.core.registry.CPUDispatcher)]
+    loaded = {d: set(d.signatures) for d in dispatchers}
+    sample = Path(__file__).parents[1] / "data" / "samples"
+    with mock.patch.object(state, "ACCEPTED_FROZEN_ROWS", 40), mock.patch.object(state, "SPILL_DIR", str(tmp_path)):
+        engine.replay([str(sample / "trades")], str(sample / "refdata"), str(tmp_path / "t.duckdb"), window_rows=37)
+    assert {d: set(d.signatures) for d in dispatchers} == loaded
 
 
 def _linear_probing_table(hashes: list[int], mask: int) -> np.ndarray:
