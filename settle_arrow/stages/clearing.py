@@ -215,7 +215,7 @@ def _net_securities_packed(c: pl.DataFrame, ref: RefData) -> pl.DataFrame | None
     buy_key, sell_key = keys
     low = min(int(buy_key.min()), int(sell_key.min()))
     span = max(int(buy_key.max()), int(sell_key.max())) - low + 1
-    if span <= max(DENSE_GROUPS_MIN, DENSE_GROUPS_PER_LEG * 2 * len(sq)):
+    if _few_slots(span, len(sq)):
         # Few possible keys (a day's participants x securities): one compiled pass adds
         # each leg into its key's slot, and the slots come out in key order.
         from settle_arrow.kernels import net_quantities
@@ -240,6 +240,11 @@ def _net_securities_packed(c: pl.DataFrame, ref: RefData) -> pl.DataFrame | None
          ref.participants.select("participant_id")[part], groups],
         how="horizontal",
     ).select(schema.OUTPUT["obligations_securities"].names)
+
+
+def _few_slots(span: int, trades: int) -> bool:
+    """Whether netting `trades` (two legs each) into a slot per key of `span` pays."""
+    return span <= max(DENSE_GROUPS_MIN, DENSE_GROUPS_PER_LEG * 2 * trades)
 
 
 def _packed(fields: list[tuple[np.ndarray, int]]) -> np.ndarray | None:
@@ -310,7 +315,7 @@ def _net_cash_dense(c: pl.DataFrame, pair_of_sec: np.ndarray, n_pairs: int, n_pa
     keys = [_packed(list(zip([day - day_min, offset, pair, c[f"{side}_part_idx"].to_numpy()], radices, strict=True)))
             for side in ("buy", "sell")]
     span = math.prod(radices)
-    if any(k is None for k in keys) or span > max(DENSE_GROUPS_MIN, DENSE_GROUPS_PER_LEG * 2 * c.height):
+    if any(k is None for k in keys) or not _few_slots(span, c.height):
         return None
     from settle_arrow.kernels import net_cash
 
