@@ -44,6 +44,12 @@ class DimIds:
         return out
 
 
+def in_reference_order(dims: DimIds) -> bool:
+    """Whether every account, unit and security id equals its reference row index (the usual
+    case: ids are assigned in reference order), so state holding indices holds ids too."""
+    return all(bool((d == np.arange(len(d))).all()) for d in (dims.account, dims.unit, dims.security))
+
+
 def _frame(t: pa.Table) -> pl.DataFrame:
     out = pl.from_arrow(t)
     assert isinstance(out, pl.DataFrame)

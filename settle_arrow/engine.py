@@ -29,7 +29,14 @@ import polars as pl
 import pyarrow as pa
 
 from settle_arrow import checks, schema
-from settle_arrow.dims import opening_fingerprint, opening_ids, sync_dims, trade_facts, with_sources
+from settle_arrow.dims import (
+    in_reference_order,
+    opening_fingerprint,
+    opening_ids,
+    sync_dims,
+    trade_facts,
+    with_sources,
+)
 from settle_arrow.errors import SelfCheckError, UserError
 from settle_arrow.io.files import SourceError, SourceFile, discover, read_frames, read_schema
 from settle_arrow.io.parse import ColumnTypeError, coerce, to_text
@@ -41,8 +48,9 @@ from settle_arrow.stages.base import Stage, StageContext, Window
 from settle_arrow.stages.clearing import Clear
 from settle_arrow.stages.registration import Register
 from settle_arrow.stages.validate import Validate
-from settle_arrow.state import EngineState
+from settle_arrow.state import KEPT_SETS, EngineState
 from settle_arrow.storage import Storage, open_storage
+from settle_arrow.storage.base import KeptRun
 
 WINDOW_ROWS_DEFAULT = 100_000
 WINDOW_ROWS_MAX = 50_000_000
@@ -234,7 +242,7 @@ class Engine:
         started = self._init_opening()
         # A TARGET that has just stored its opening holds nothing else, so its state is the
         # opening, in memory and in key order already: no read back of ten million rows.
-        self.state = started if started is not None else recover(storage, refdata, self.dims)
+        self._set_state(started if started is not None else recover(storage, refdata, self.dims))
         self._delta_rows = {name: storage.count(name) for name in schema.DELTAS}
         self._folded_rows = dict(self._delta_rows)
         self._legs_since_snapshot = 2 * storage.trade_rows_since_snapshot()
@@ -258,7 +266,7 @@ class Engine:
             self.storage.init_opening(ids.to_arrow(), opening_fingerprint(ids), ref.opening_file_sha256)
             if not empty:
                 return None
-            state = EngineState(n_sec=ref.n_sec)
+            state = EngineState(n_sec=ref.n_sec, run_dir=self.storage.state_dir if in_reference_order(self.dims) else None)
             o = ref.opening
             state.holdings.insert(state.holding_keys(o["acct_idx"].to_numpy(), o["sec_idx"].to_numpy()),
                                   {"quantity": o["quantity"].to_numpy()})
@@ -272,6 +280,27 @@ class Engine:
         else:  # same rows in other bytes: remember these bytes, the next start skips the load
             self.storage.set_meta({"opening_file_sha256": ref.opening_file_sha256})
         return None
+
+    def _set_state(self, state: EngineState) -> None:
+        """Take `state` (a fresh start's or recovered) and the bookkeeping of its kept runs:
+        those frozen before now but not catalogued yet (during recovery: they cover no
+        window beyond their set's catalogued runs) go with the next commit."""
+        self.state = state
+        catalogued = self.storage.state_runs()
+        self._runs_noted = {name: 0 for name in KEPT_SETS}
+        self._runs_pending: list[KeptRun] = []
+        for name in KEPT_SETS:
+            mine = [r for r in catalogued if r.set_name == name]
+            assert [r.run_no for r in mine] == list(range(len(mine))), f"{name}: runs catalogued in order"
+            self._runs_noted[name] = len(mine)
+            self._note_runs(name, mine[-1].covered_window if mine else -1)
+
+    def _note_runs(self, name: str, covered_window: int) -> None:
+        """Queue the runs `name` froze since last noted, as covering up to `covered_window`."""
+        kept = getattr(self.state, name).kept
+        self._runs_pending += [KeptRun(name, run, kept[run], covered_window)
+                               for run in range(self._runs_noted[name], len(kept))]
+        self._runs_noted[name] = len(kept)
 
     def _same_opening(self) -> bool:
         """Exact comparison with the stored opening holdings (when the fingerprint differs);
@@ -321,7 +350,7 @@ class Engine:
         window_id = self.storage.max_window_id()
         self.dims = with_sources(self.storage, self.dims, [s.url for s in sources])
         if self._state_ahead:  # an earlier run stopped with state past its last commit
-            self.state = recover(self.storage, self.refdata, self.dims)
+            self._set_state(recover(self.storage, self.refdata, self.dims))
             self._state_ahead = False
         # Reading, decoding and each stage's stateless work run one piece ahead in the
         # reader thread; window ids are assigned there, in order.
@@ -354,6 +383,10 @@ class Engine:
                     self._state_ahead = True
                     for effect in window.effects:
                         effect()
+                    for name in KEPT_SETS:
+                        # A run frozen in a window's last piece holds all of it; in an
+                        # earlier piece, part (recovery skips the keys it already holds).
+                        self._note_runs(name, window_id if raw.final else window_id - 1)
                     q = window.frames["quarantine"]
                     reasons.update(dict(q.group_by("reason").len().iter_rows()) if q.height else {})
                     read += raw.frame.height
@@ -375,9 +408,11 @@ class Engine:
                         checkpoint = {"source": raw.last_source, "offset": raw.last_offset, "rows": rows_in_window,
                                       "digest": digests[0] if len(digests) == 1 else _combine(digests)}
                         digests, rows_in_window = [], 0
+                        runs, self._runs_pending = tuple(self._runs_pending), []
                     else:
-                        checkpoint = None
-                    lane.submit(self._commit_job(window, raw, len(self.state.holdings), checkpoint, stamps), done_cb)
+                        checkpoint, runs = None, ()
+                    lane.submit(self._commit_job(window, raw, len(self.state.holdings), checkpoint, stamps, runs),
+                                done_cb)
         except BaseException:
             self.storage.abort_window()  # pieces of an unfinished window never commit
             raise
@@ -399,10 +434,11 @@ class Engine:
             self_check="OK",
         )
 
-    def _commit_job(self, window: Window, raw: _RawWindow, holdings_rows: int,
-                    checkpoint: dict[str, object] | None, stamps: list[float]) -> Callable[[], None]:
+    def _commit_job(self, window: Window, raw: _RawWindow, holdings_rows: int, checkpoint: dict[str, object] | None,
+                    stamps: list[float], runs: tuple[KeptRun, ...] = ()) -> Callable[[], None]:
         """One piece's appends, and for the piece that ends its window the commit (with
-        `checkpoint`) and any compaction it makes due, as one job for the commit lane. Jobs
+        `checkpoint` and the state `runs` kept since the last) and any compaction it makes
+        due, as one job for the commit lane. Jobs
         run one at a time in window order, so the row counters they keep are only ever
         touched by the job running. The final piece's job appends its start and the
         commit's return (perf_counter seconds) to `stamps`."""
@@ -421,7 +457,7 @@ class Engine:
             due = [name for name in schema.DELTAS
                    if self._delta_rows[name] > max(COMPACT_ROWS_MIN, COMPACT_GROWTH * self._folded_rows[name])]
             snapshot = self._legs_since_snapshot > max(COMPACT_ROWS_MIN, SNAPSHOT_GROWTH * holdings_rows)
-            storage.commit_window(window.window_id, appends, checkpoint, raw.progress)
+            storage.commit_window(window.window_id, appends, checkpoint, raw.progress, state_runs=runs)
             stamps.extend((started_s, time.perf_counter()))
             for name in due:
                 self._folded_rows[name] = self._delta_rows[name] = storage.compact(name)

@@ -1,13 +1,20 @@
 """Rebuild EngineState from a TARGET's committed tables: the state is never the only copy.
 
 Data model: storage tables -> EngineState (see state.py), in two threads over two handles
-on the TARGET (holdings apart from the rest): seen keys from trade_facts and
-quarantine, accepted N trades and cancellations from trade_facts (integer ids mapped back
-to reference rows through dims.DimIds), holdings from holdings_snapshot plus holdings_legs (integer ids only), reported
-exceptions from exceptions.
+on the TARGET (holdings apart from the rest): seen keys, accepted N trades and
+cancellations from the frozen runs the TARGET kept (Storage.state_runs, mapped, not
+read) plus trade_facts of the windows after them and quarantine (integer ids mapped back
+to reference rows through dims.DimIds), holdings from holdings_snapshot plus holdings_legs
+(integer ids only), reported exceptions from exceptions. So the restart reads the history
+since the sets' last frozen runs, not all of it.
 
 Invariant: the rebuilt state equals the state the writer held right after its last
 committed window, so a restart after SIGKILL continues exactly where the database stands.
+A kept run may hold keys of windows after its covered_window (a run frozen mid-window, or
+during an earlier recovery): replayed keys already in their set are skipped. Kept runs hold
+reference row indices, valid while dimension ids equal them (dims.in_reference_order);
+otherwise, or when a file is missing or damaged, the set is rebuilt from the history and
+its catalogue rows are dropped.
 """
 
 from __future__ import annotations
@@ -20,12 +27,13 @@ import polars as pl
 import pyarrow as pa
 
 from settle_arrow import schema
-from settle_arrow.dims import DimIds
+from settle_arrow.dims import DimIds, in_reference_order
 from settle_arrow.io.parse import coerce
 from settle_arrow.refdata import RefData, RefDataError
 from settle_arrow.state import (
     DAY0,
     DAY_BITS,
+    KEPT_SETS,
     ODD_KEY_SCHEMA,
     EngineState,
     SortedRuns,
@@ -84,7 +92,7 @@ def recover(storage: Storage, ref: RefData, dims: DimIds) -> EngineState:
         try:
             holdings = pool.submit(_holdings, reader, ref.n_sec, to_ref[0], to_ref[2])
             try:
-                state = _history(storage, ref.n_sec, *to_ref)
+                state = _history(storage, ref.n_sec, in_reference_order(dims), *to_ref)
             finally:
                 wait([holdings])  # the reader closes only once the other thread is done with it
             state.holdings = holdings.result()
@@ -100,9 +108,40 @@ def recover(storage: Storage, ref: RefData, dims: DimIds) -> EngineState:
     return state
 
 
-def _history(storage: Storage, n_sec: int, account_of: Callable, unit_of: Callable, sec_of: Callable) -> EngineState:
-    """EngineState's seen, accepted and cancelled keys from trade_facts and quarantine."""
-    state = EngineState(n_sec=n_sec)
+def _adopt(storage: Storage, state: EngineState) -> dict[str, int]:
+    """Map the TARGET's kept runs into `state`'s sets; per set, the window its runs cover
+    (-1: none, the whole history replays). A set whose runs do not map is rebuilt (see
+    module doc)."""
+    covered = dict.fromkeys(KEPT_SETS, -1)
+    if state.run_dir is None:  # kept runs would name other reference rows now
+        storage.forget_state_runs()
+        return covered
+    kept = storage.state_runs()
+    for name in KEPT_SETS:
+        mine = [r for r in kept if r.set_name == name]
+        try:
+            for run in mine:
+                getattr(state, name).adopt(dict(run.files))
+        except (OSError, ValueError):
+            state.reset(name)
+            storage.forget_state_runs(name)
+            continue
+        covered[name] = mine[-1].covered_window if mine else -1
+    return covered
+
+
+def _fresh(runs: SortedRuns, adopted: bool, keys: np.ndarray) -> np.ndarray:
+    """Which `keys` are not in `runs` yet: only kept runs can hold replayed keys."""
+    return ~runs.contains(keys) if adopted else np.ones(len(keys), dtype=bool)
+
+
+def _history(storage: Storage, n_sec: int, ids_in_order: bool, account_of: Callable, unit_of: Callable,
+             sec_of: Callable) -> EngineState:
+    """EngineState's seen, accepted and cancelled keys from the kept runs, trade_facts and
+    quarantine."""
+    state = EngineState(n_sec=n_sec, run_dir=storage.state_dir if ids_in_order else None)
+    covered = _adopt(storage, state)
+    adopted = {name: getattr(state, name).n_frozen > 0 for name in KEPT_SETS}
     markets = _frame(storage.query("SELECT id, market FROM dim_security ORDER BY id"))
     code_of = np.full(int(markets["id"].max()) + 1 if markets.height else 0, -1, dtype=np.int64)
     code_of[markets["id"].to_numpy()] = market_codes(markets["market"])
@@ -110,12 +149,14 @@ def _history(storage: Storage, n_sec: int, account_of: Callable, unit_of: Callab
     # Every committed trade, in batches: the history can be far larger than memory, while
     # the state it leaves (runs freeze and spill as they grow) is not.
     facts_sql = ("SELECT trade_date, trade_id, sign, ref_trade_id, sec_id, price, quantity, buy_account_id, "
-                 "sell_account_id, buy_unit_id, sell_unit_id FROM trade_facts")
+                 "sell_account_id, buy_unit_id, sell_unit_id, window_id FROM trade_facts "
+                 f"WHERE window_id > {int(min(covered.values()))}")
     for batch in storage.query_batches(facts_sql, RECOVERY_BATCH_ROWS):
         facts = _frame(pa.Table.from_batches([batch]))
         code = code_of[facts["sec_id"].to_numpy()] if facts.height else np.empty(0, np.int64)
         keys, ok = pack_keys(code, facts["trade_date"], facts["trade_id"])
         assert ok.all(), "accepted trades always have packable keys"
+        window = facts["window_id"].to_numpy()
         n = (facts["sign"] == 1).to_numpy()
         acc = {
             "sec_idx": sec_of(facts["sec_id"].to_numpy()),
@@ -124,10 +165,17 @@ def _history(storage: Storage, n_sec: int, account_of: Callable, unit_of: Callab
             **{f"{side}_acct_idx": account_of(facts[f"{side}_account_id"].to_numpy()) for side in ("buy", "sell")},
             **{f"{side}_unit_idx": unit_of(facts[f"{side}_unit_id"].to_numpy()) for side in ("buy", "sell")},
         }
-        state.accepted.insert(keys[n], {k: v[n] for k, v in acc.items()})
+        # Accepted keys are unique: no batch repeats another's, only kept runs may hold them.
+        take = n & (window > covered["accepted"])
+        take[take] = _fresh(state.accepted, adopted["accepted"], keys[take])
+        state.accepted.insert(keys[take], {k: v[take] for k, v in acc.items()})
         refs, _ = pack_keys(code, facts["trade_date"], facts["ref_trade_id"])
-        state.cancelled.insert(refs[~n])
-        state.seen.insert(keys)  # accepted keys are unique: no batch repeats another's
+        take = ~n & (window > covered["cancelled"])
+        take[take] = _fresh(state.cancelled, adopted["cancelled"], refs[take])
+        state.cancelled.insert(refs[take])
+        take = window > covered["seen"]
+        take[take] = _fresh(state.seen, adopted["seen"], keys[take])
+        state.seen.insert(keys[take])
 
     # Quarantined rows count as seen when their key fields parse (SPEC §3 DUPLICATE_TRADE);
     # their keys may repeat each other and accepted ones.

@@ -363,6 +363,20 @@ SEGMENTS = pa.schema(
         ("rows", pa.int64()),
     ]
 )
+# The frozen runs of the engine's key sets (state.KEPT_SETS) a backend may keep as files
+# beside its segments, one catalogue row per file, committed with the window whose state
+# froze the run: a restart maps them instead of rebuilding them from the whole history.
+# `covered_window`: every key of windows up to it is in this run or an earlier one of its set.
+STATE_RUNS = pa.schema(
+    [
+        ("set_name", pa.string()),
+        ("run_no", pa.int32()),
+        ("column_name", pa.string()),
+        ("file", pa.string()),  # a name inside the TARGET's segment directory
+        ("covered_window", pa.int64()),
+        ("window_id", pa.int64()),  # the window whose commit catalogued it
+    ]
+)
 # Tables whose rows each window appends (as opposed to bookkeeping the engine rewrites).
 WINDOW_APPENDS = (
     "trade_facts",

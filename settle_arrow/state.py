@@ -56,9 +56,17 @@ SEEN_FROZEN_ROWS = 8_000_000  # 64 MB of keys per frozen run
 # smaller frozen runs cost their probes little (measured, serial, 100,000-row windows: the
 # effects' CPU 37-39 ms a window at 2 M against 30 at 500,000; 10,000-row: 4.5-4.9 -> 3.7-4.1).
 ACCEPTED_FROZEN_ROWS = 500_000
-# Frozen runs of both live in files here: the memory they cost is that of the runs probed
-# now (today's keys), not that of the whole history.
+# Cancelled keys are one per accepted X row: few, but as old as the history, so they freeze
+# too (and a TARGET keeps them, see EngineState.run_dir).
+CANCELLED_FROZEN_ROWS = 500_000
+# Frozen runs live in files here when the TARGET keeps none (see EngineState.run_dir): the
+# memory they cost is that of the runs probed now (today's keys), not that of the history.
 SPILL_DIR = os.environ.get("SETTLE_ARROW_SPILL_DIR") or tempfile.gettempdir()
+# The sets whose frozen runs a TARGET may keep, and the file name of each run's column:
+# `<set>-<run:06d>-<column>.bin`, the keys' column named KEY_COLUMN.
+KEPT_SETS = ("seen", "accepted", "cancelled")
+KEY_COLUMN = "key"
+RUN_FILE_SUFFIX = ".bin"
 
 
 def market_codes(market: pl.Series) -> np.ndarray:
@@ -148,16 +156,23 @@ class SortedRuns:
     misses (trade keys are day-major, so old days' runs are skipped by two comparisons).
     `spill_dir`: frozen runs move to files there, mapped read-only: their pages cost
     memory only while probed (cancellations of old trades are rare).
+    `keep_as`: the spill files stay, named `<keep_as>-<run:06d>-<column>.bin` (listed in
+    `kept`, one dict column -> file name per frozen run), for a TARGET to catalogue as its
+    durable state; otherwise each is unlinked once mapped.
     """
 
     def __init__(self, dtype: type = np.uint64, payload: dict[str, type] | None = None,
-                 frozen_rows_min: int | None = None, spill_dir: str | None = None):
+                 frozen_rows_min: int | None = None, spill_dir: str | None = None, keep_as: str | None = None):
         assert frozen_rows_min is None or frozen_rows_min > 0
         assert spill_dir is None or frozen_rows_min is not None, "only frozen runs spill"
+        assert keep_as is None or spill_dir is not None, "only spilled runs are kept"
+        assert KEY_COLUMN not in (payload or {}), "the keys' file name"
         self.dtype = dtype
         self.payload_types = dict(payload or {})
         self.frozen_rows_min = frozen_rows_min
         self.spill_dir = spill_dir
+        self.keep_as = keep_as
+        self.kept: list[dict[str, str]] = []  # per frozen run, with keep_as: column -> file name
         self.runs: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
         self.n_frozen = 0  # runs[:n_frozen] are frozen, runs[n_frozen:] merge as an LSM
         # Spilled run index -> its mappings, and the spilled runs whose pages the last find
@@ -272,12 +287,49 @@ class SortedRuns:
             # hence frozen already: the frozen runs stay a prefix.
             assert len(self.runs) == self.n_frozen + 1, "a run reached the freeze size behind larger hot runs"
             if self.spill_dir is not None:
-                keys, cols, maps = _spill(self.spill_dir, *self.runs[-1])
+                names = self._file_names(self.n_frozen) if self.keep_as is not None else None
+                keys, cols, maps = _spill(self.spill_dir, *self.runs[-1], names)
                 self.runs[-1] = (keys, cols)
                 self._maps[len(self.runs) - 1] = maps
+                if names is not None:
+                    self.kept.append(names)
             self.n_frozen += 1
         # Samples of runs that merges replaced would keep those arrays alive: drop them.
         self._samples = {r: c for r, c in self._samples.items() if r < len(self.runs) and c[0] is self.runs[r][0]}
+
+
+    def _file_names(self, run: int) -> dict[str, str]:
+        return {c: f"{self.keep_as}-{run:06d}-{c}{RUN_FILE_SUFFIX}" for c in (KEY_COLUMN, *self.payload_types)}
+
+    def adopt(self, names: dict[str, str]) -> None:
+        """Append, as the next frozen run, one this set kept earlier (files in spill_dir, named
+        as `kept` lists them), mapped read-only: a restart's state costs no copy of the
+        history. Refuses files that are not such a run (OSError/ValueError)."""
+        assert self.keep_as is not None and len(self.runs) == self.n_frozen, "frozen runs come first"
+        if names != self._file_names(self.n_frozen):
+            raise ValueError(f"{sorted(names.values())} are not run {self.n_frozen} of {self.keep_as}")
+        assert self.spill_dir is not None
+        types = {KEY_COLUMN: self.dtype, **self.payload_types}
+        maps: list[mmap.mmap] = []
+        arrays = {c: _map_file(os.path.join(self.spill_dir, f), np.dtype(types[c]), maps) for c, f in names.items()}
+        keys = arrays.pop(KEY_COLUMN)
+        if not len(keys) or any(len(v) != len(keys) for v in arrays.values()) or not bool((keys[1:] > keys[:-1]).all()):
+            raise ValueError(f"{names[KEY_COLUMN]}: not a run of sorted unique keys with its columns")
+        self.version += 1
+        self.runs.append((keys, arrays))
+        self._maps[self.n_frozen] = maps
+        self.kept.append(names)
+        self.n_frozen += 1
+
+
+def _map_file(path: str, dtype: np.dtype, maps: list[mmap.mmap]) -> np.ndarray:
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if not size or size % dtype.itemsize:
+            raise ValueError(f"{path}: {size} bytes is no whole number of {dtype} values")
+        m = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
+    maps.append(m)
+    return np.frombuffer(m, dtype=dtype)
 
 
 def _merge(k1: np.ndarray, c1: dict[str, np.ndarray], k2: np.ndarray,
@@ -311,31 +363,37 @@ def _merge(k1: np.ndarray, c1: dict[str, np.ndarray], k2: np.ndarray,
     return interleave(k1, k2), {c: interleave(c1[c], c2[c]) for c in c1}
 
 
-def _spill(spill_dir: str, keys: np.ndarray,
-           cols: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray], list[mmap.mmap]]:
+def _spill(spill_dir: str, keys: np.ndarray, cols: dict[str, np.ndarray],
+           names: dict[str, str] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray], list[mmap.mmap]]:
     """The run's arrays written to files under spill_dir and mapped back read-only (keys,
-    columns, the mappings). Each file is unlinked once mapped, so nothing is left behind
-    however the process ends; the mapping keeps its data."""
+    columns, the mappings). Without `names` each file is unlinked once mapped, so nothing
+    is left behind however the process ends (the mapping keeps its data); with them
+    (column -> file name, KEY_COLUMN for the keys) the files stay, each complete before it
+    has its name (the TARGET that catalogues them makes them durable)."""
+    assert len(keys), "frozen runs are never empty"
     os.makedirs(spill_dir, exist_ok=True)
     maps: list[mmap.mmap] = []
 
-    def one(a: np.ndarray) -> np.ndarray:
+    def one(column: str, a: np.ndarray) -> np.ndarray:
         if not a.nbytes:
             return a
-        fd, path = tempfile.mkstemp(prefix="settle_arrow_run_", suffix=".bin", dir=spill_dir)
+        fd, path = tempfile.mkstemp(prefix="settle_arrow_run_", suffix=".tmp", dir=spill_dir)
         try:
             with os.fdopen(fd, "wb", closefd=False) as f:
                 a.tofile(f)
             m = mmap.mmap(fd, a.nbytes, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
-            os.unlink(path)
+            if names is None:
+                os.unlink(path)
+            else:
+                os.replace(path, os.path.join(spill_dir, names[column]))
         maps.append(m)
         mapped = np.frombuffer(m, dtype=a.dtype)
         assert len(mapped) == len(a)
         return mapped
 
-    return one(keys), {c: one(v) for c, v in cols.items()}, maps
+    return one(KEY_COLUMN, keys), {c: one(c, v) for c, v in cols.items()}, maps
 
 
 ACCEPTED_PAYLOAD = {
@@ -355,17 +413,33 @@ ODD_KEY_SCHEMA = {"market": pl.String, "trade_date": pl.Date, "trade_id": pl.Int
 
 @dataclasses.dataclass
 class EngineState:
+    """`run_dir`: the frozen runs of KEPT_SETS go to files there that stay (a TARGET's
+    durable state, catalogued by its commits: see Storage.state_runs); without it they
+    spill to SPILL_DIR and vanish with the process."""
+
     n_sec: int
-    seen: SortedRuns = dataclasses.field(
-        default_factory=lambda: SortedRuns(frozen_rows_min=SEEN_FROZEN_ROWS, spill_dir=SPILL_DIR)
-    )
+    run_dir: str | None = None
     odd_seen: pl.DataFrame = dataclasses.field(default_factory=lambda: pl.DataFrame(schema=ODD_KEY_SCHEMA))
-    accepted: SortedRuns = dataclasses.field(
-        default_factory=lambda: SortedRuns(np.uint64, ACCEPTED_PAYLOAD, ACCEPTED_FROZEN_ROWS, SPILL_DIR)
-    )
-    cancelled: SortedRuns = dataclasses.field(default_factory=SortedRuns)
     holdings: SortedRuns = dataclasses.field(default_factory=lambda: SortedRuns(np.int64, {"quantity": np.int64}))
     reported: SortedRuns = dataclasses.field(default_factory=lambda: SortedRuns(np.int64))
+    seen: SortedRuns = dataclasses.field(init=False)
+    accepted: SortedRuns = dataclasses.field(init=False)
+    cancelled: SortedRuns = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        for name in KEPT_SETS:
+            self.reset(name)
+
+    def reset(self, name: str) -> None:
+        """Make KEPT_SETS member `name` empty."""
+        payload, frozen = {"seen": (None, SEEN_FROZEN_ROWS), "accepted": (ACCEPTED_PAYLOAD, ACCEPTED_FROZEN_ROWS),
+                           "cancelled": (None, CANCELLED_FROZEN_ROWS)}[name]
+        runs = SortedRuns(np.uint64, payload, frozen, self.run_dir or SPILL_DIR, name if self.run_dir else None)
+        setattr(self, name, runs)
+
+    def kept_runs(self) -> dict[str, list[dict[str, str]]]:
+        """Per KEPT_SETS name, the files of each frozen run kept so far (run order)."""
+        return {name: getattr(self, name).kept for name in KEPT_SETS}
 
     def holding_keys(self, acct_idx: np.ndarray, sec_idx: np.ndarray) -> np.ndarray:
         return holding_keys(acct_idx, sec_idx, self.n_sec)

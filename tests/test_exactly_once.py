@@ -156,6 +156,7 @@ HARNESS = textwrap.dedent(
         from settle_arrow import state
         engine.PIECE_ROWS_MAX = int(os.environ["SA_PIECE_ROWS"])
         state.SEEN_FROZEN_ROWS = state.ACCEPTED_FROZEN_ROWS = int(os.environ["SA_PIECE_ROWS"])
+        state.CANCELLED_FROZEN_ROWS = 8
 
     def trap(point):
         if kind and point.startswith(kind):

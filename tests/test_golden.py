@@ -56,7 +56,9 @@ def test_frozen_and_spilled_state_keeps_the_digests(new_target, tmp_path, monkey
     replay(files[:3], str(SAMPLE / "refdata"), db, window_rows=97)
     replay(files, str(SAMPLE / "refdata"), db, window_rows=97)
     assert _digests(db) == GOLDEN
-    assert list((tmp_path / "spill").iterdir()) == [], "spill files are unlinked once mapped"
+    # A DuckDB TARGET keeps its frozen runs beside its segments (tests/test_kept_runs.py).
+    spilled = list((tmp_path / "spill").iterdir()) if (tmp_path / "spill").exists() else []
+    assert spilled == [], "spill files are unlinked once mapped"
 
 
 @pytest.mark.parametrize("window", [777, 5_000, None], ids=["window-777", "window-5000", "batch"])

@@ -17,6 +17,7 @@ offsets in one transaction, or nothing; readers see only committed windows.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import datetime
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -98,8 +99,22 @@ def _in_key_order(holdings: pa.Table) -> bool:
     return bool((key[1:] >= key[:-1]).all())
 
 
+@dataclasses.dataclass(frozen=True)
+class KeptRun:
+    """One frozen run of a key set kept as files (see schema.STATE_RUNS)."""
+
+    set_name: str
+    run_no: int
+    files: Mapping[str, str]  # column -> file name in Storage.state_dir
+    covered_window: int
+
+
 class Storage(abc.ABC):
     url: str
+    # A directory where the engine's frozen state runs stay as files the commits catalogue
+    # (schema.STATE_RUNS), or None where the backend keeps none (recovery then rebuilds
+    # them from the history).
+    state_dir: str | None = None
     # Whether views name the holdings snapshot's window as a constant, remade in the
     # transaction that moves it (DuckDB: its Parquet scans skip older windows only so), or
     # read it from meta by a subquery (PostgreSQL: no DDL per snapshot, so no reader ever
@@ -284,10 +299,11 @@ class Storage(abc.ABC):
         meta: Mapping[str, str] | None = None,
         extra: Mapping[str, pa.Table] | None = None,
         statements: tuple[str, ...] = (),
+        state_runs: tuple[KeptRun, ...] = (),
     ) -> None:
         """One transaction (with the window's staged pieces, if any): appends (+window_id),
-        checkpoint row, source offsets, meta. Windows commit in order: `window_id` is at
-        least that of every committed window."""
+        state runs kept since the last commit, checkpoint row, source offsets, meta.
+        Windows commit in order: `window_id` is at least that of every committed window."""
         if self._open_window is None:
             self._begin()
         assert self._open_window in (None, window_id), "a window's pieces commit with that window"
@@ -299,6 +315,8 @@ class Storage(abc.ABC):
                     self._append(name, conform(data, schema.STORAGE[name]))
             for stmt in statements:
                 self._execute(stmt)
+            if state_runs:
+                self._put_state_runs(window_id, state_runs)
             for src, size, rows_done in sources:
                 # Plain statements: an Arrow insert of one row costs DuckDB twice as much.
                 self._execute("DELETE FROM sources WHERE source = ?", (src,))
@@ -307,6 +325,39 @@ class Storage(abc.ABC):
             self._put_meta(meta or {})
             cp = dict(checkpoint, window_id=window_id, committed_at=datetime.datetime.now(datetime.UTC))
             self._append("checkpoints", pa.Table.from_pylist([cp], schema=schema.STORAGE["checkpoints"]))
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+
+    # --- kept state runs (backends with a state_dir) ----------------------------------
+    def _put_state_runs(self, window_id: int, runs: tuple[KeptRun, ...]) -> None:
+        """Make `runs`' files durable and catalogue them, inside the open transaction."""
+        raise AssertionError(f"{type(self).__name__} keeps no state runs (state_dir is None)")
+
+    def state_runs(self) -> list[KeptRun]:
+        """The catalogued state runs, by set and run number (none where state_dir is None)."""
+        if self.state_dir is None or "state_runs" not in self._table_names():
+            return []
+        t = self._query("SELECT set_name, run_no, column_name, file, covered_window FROM state_runs "
+                        "ORDER BY set_name, run_no, column_name")
+        runs: dict[tuple[str, int], tuple[dict[str, str], int]] = {}
+        for name, run, column, file, covered in zip(*(t[c].to_pylist() for c in t.column_names), strict=True):
+            runs.setdefault((name, run), ({}, covered))[0][column] = file
+        return [KeptRun(name, run, files, covered) for (name, run), (files, covered) in runs.items()]
+
+    def forget_state_runs(self, set_name: str | None = None) -> None:
+        """Drop the catalogue rows of `set_name`'s runs (None: of every set), in a transaction
+        of their own: recovery rebuilds such a set from the history, and its files no longer
+        say anything (later commits catalogue new ones; unnamed files are swept)."""
+        if not self.state_runs():
+            return
+        self._begin()
+        try:
+            if set_name is None:
+                self._execute("DELETE FROM state_runs")
+            else:
+                self._execute("DELETE FROM state_runs WHERE set_name = ?", (set_name,))
             self._commit()
         except BaseException:
             self._rollback()

@@ -37,7 +37,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from settle_arrow import schema
-from settle_arrow.storage.base import Storage, TargetError
+from settle_arrow.state import RUN_FILE_SUFFIX
+from settle_arrow.storage.base import KeptRun, Storage, TargetError
 
 CHECKPOINT_THRESHOLD = "128MB"
 # DuckDB's buffer pool defaults to 80% of RAM and keeps what a long replay touched cached:
@@ -111,6 +112,8 @@ class DuckDBStorage(Storage):
             raise TargetError(f"cannot open {path} as a DuckDB database: it is not a DuckDB file")
         self._key = str(p.resolve())
         self._segments = Path(self._key + SEGMENTS_DIR_SUFFIX)
+        # The engine's frozen state runs stay beside the segments (see schema.STATE_RUNS).
+        self.state_dir = None if read_only else str(self._segments)
         # Segment files this open transaction wrote: made durable at COMMIT, deleted at ROLLBACK.
         self._staged: list[Path] = []
         self._leftover: str | None = None  # a rolled-back window's file that would not delete
@@ -239,6 +242,19 @@ class DuckDBStorage(Storage):
                "window_id_max": [int(window_max)], "rows": [data.num_rows]}
         self._insert("segments", pa.table(row, schema=schema.SEGMENTS))
 
+    def _put_state_runs(self, window_id: int, runs: tuple[KeptRun, ...]) -> None:
+        rows: dict[str, list] = {name: [] for name in schema.STATE_RUNS.names}
+        for run in runs:
+            for column, file in run.files.items():
+                path = self._segments / file
+                _fsync(path)  # complete on disk before the COMMIT that names it
+                # A rolled-back window's runs go (its state is rebuilt from the database).
+                self._staged.append(path)
+                for name, value in zip(schema.STATE_RUNS.names, (run.set_name, run.run_no, column, file,
+                                                                  run.covered_window, window_id), strict=True):
+                    rows[name].append(value)
+        self._insert("state_runs", pa.table(rows, schema=schema.STATE_RUNS))
+
     def _segment_view(self, table: str, temporary: bool) -> str:
         """The view of a SEGMENTED table: the files in this TARGET's directory, rows of
         windows up to the last checkpoint this transaction sees. A file of a window not
@@ -265,6 +281,16 @@ class DuckDBStorage(Storage):
 
     def ensure_schema(self) -> None:
         super().ensure_schema()
+        if not self.read_only and "state_runs" not in self._table_names():
+            # Not in schema.STORAGE: a catalogue of this backend's files (TARGETs made before
+            # it get it here, empty: their restarts rebuild the state from the history once).
+            self._begin()
+            try:
+                super()._create_table("state_runs", schema.STATE_RUNS)
+                self._commit()
+            except BaseException:
+                self._rollback()
+                raise
         # A TARGET moved since its views were made names its segment directory by the old
         # path, and one made before COMMITTED_MACRO bounds its views by a constant: a writer
         # re-makes the stored views (and the macro), a reader shadows them with its own
@@ -291,10 +317,10 @@ class DuckDBStorage(Storage):
         if not self._segments.is_dir():
             return
         live = set()
-        if "segments" in self._table_names():
-            live = {r[0] for r in self.con.execute("SELECT file FROM segments").fetchall()}
+        for catalogue in {"segments", "state_runs"} & self._table_names():
+            live |= {r[0] for r in self.con.execute(f"SELECT file FROM {catalogue}").fetchall()}
         for path in self._segments.iterdir():
-            if path.name not in live and path.name.endswith((SEGMENT_SUFFIX, PARTIAL_SUFFIX)):
+            if path.name not in live and path.name.endswith((SEGMENT_SUFFIX, PARTIAL_SUFFIX, RUN_FILE_SUFFIX)):
                 path.unlink()
 
     def _table_names(self) -> set[str]:
