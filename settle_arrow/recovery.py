@@ -19,7 +19,7 @@ its catalogue rows are dropped.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
@@ -146,36 +146,47 @@ def _history(storage: Storage, n_sec: int, ids_in_order: bool, account_of: Calla
     code_of = np.full(int(markets["id"].max()) + 1 if markets.height else 0, -1, dtype=np.int64)
     code_of[markets["id"].to_numpy()] = market_codes(markets["market"])
 
-    # Every committed trade, in batches: the history can be far larger than memory, while
-    # the state it leaves (runs freeze and spill as they grow) is not.
-    facts_sql = ("SELECT trade_date, trade_id, sign, ref_trade_id, sec_id, price, quantity, buy_account_id, "
-                 "sell_account_id, buy_unit_id, sell_unit_id, window_id FROM trade_facts "
-                 f"WHERE window_id > {int(min(covered.values()))}")
-    for batch in storage.query_batches(facts_sql, RECOVERY_BATCH_ROWS):
-        facts = _frame(pa.Table.from_batches([batch]))
-        code = code_of[facts["sec_id"].to_numpy()] if facts.height else np.empty(0, np.int64)
+    def batches(columns: str, where: str) -> Iterator[tuple[pl.DataFrame, np.ndarray]]:
+        """trade_facts rows in batches, with the market code of each: the history can be far
+        larger than memory, while the state it leaves (runs freeze and spill) is not."""
+        sql = f"SELECT {columns}, sec_id, window_id FROM trade_facts WHERE {where}"
+        for batch in storage.query_batches(sql, RECOVERY_BATCH_ROWS):
+            facts = _frame(pa.Table.from_batches([batch]))
+            yield facts, code_of[facts["sec_id"].to_numpy()] if facts.height else np.empty(0, np.int64)
+
+    def add(name: str, keys: np.ndarray, take: np.ndarray, payload: dict[str, np.ndarray] | None = None) -> None:
+        """Insert the `take` rows' keys into set `name`; only its kept runs may hold them
+        already (keys are unique across the history)."""
+        runs = getattr(state, name)
+        take = take.copy()
+        take[take] = _fresh(runs, adopted[name], keys[take])
+        runs.insert(keys[take], {k: v[take] for k, v in payload.items()} if payload else None)
+
+    # Each set replays only the windows after its kept runs, and reads only the columns it
+    # needs: cancellations are the X rows alone; seen keys of windows no other set needs
+    # are three columns, not twelve (14.7 M trades of history: 6.6-6.9 s -> see README).
+    w_canc, w_acc, w_seen = covered["cancelled"], covered["accepted"], covered["seen"]
+    for facts, code in batches("trade_date, ref_trade_id", f"sign = -1 AND window_id > {int(w_canc)}"):
+        refs, _ = pack_keys(code, facts["trade_date"], facts["ref_trade_id"])
+        add("cancelled", refs, np.ones(facts.height, dtype=bool))
+    if w_seen < w_acc:
+        for facts, code in batches("trade_date, trade_id", f"window_id > {int(w_seen)} AND window_id <= {int(w_acc)}"):
+            add("seen", pack_keys(code, facts["trade_date"], facts["trade_id"])[0], np.ones(facts.height, dtype=bool))
+    columns = ("trade_date, trade_id, sign, price, quantity, buy_account_id, sell_account_id, buy_unit_id, "
+               "sell_unit_id")
+    for facts, code in batches(columns, f"window_id > {int(w_acc)}"):
         keys, ok = pack_keys(code, facts["trade_date"], facts["trade_id"])
         assert ok.all(), "accepted trades always have packable keys"
         window = facts["window_id"].to_numpy()
         n = (facts["sign"] == 1).to_numpy()
-        acc = {
+        add("accepted", keys, n, {
             "sec_idx": sec_of(facts["sec_id"].to_numpy()),
             "price_milli": (facts["price"] * 1000).cast(pl.Int64).to_numpy(),
             "quantity": facts["quantity"].to_numpy(),
             **{f"{side}_acct_idx": account_of(facts[f"{side}_account_id"].to_numpy()) for side in ("buy", "sell")},
             **{f"{side}_unit_idx": unit_of(facts[f"{side}_unit_id"].to_numpy()) for side in ("buy", "sell")},
-        }
-        # Accepted keys are unique: no batch repeats another's, only kept runs may hold them.
-        take = n & (window > covered["accepted"])
-        take[take] = _fresh(state.accepted, adopted["accepted"], keys[take])
-        state.accepted.insert(keys[take], {k: v[take] for k, v in acc.items()})
-        refs, _ = pack_keys(code, facts["trade_date"], facts["ref_trade_id"])
-        take = ~n & (window > covered["cancelled"])
-        take[take] = _fresh(state.cancelled, adopted["cancelled"], refs[take])
-        state.cancelled.insert(refs[take])
-        take = window > covered["seen"]
-        take[take] = _fresh(state.seen, adopted["seen"], keys[take])
-        state.seen.insert(keys[take])
+        })
+        add("seen", keys, window > w_seen)
 
     # Quarantined rows count as seen when their key fields parse (SPEC §3 DUPLICATE_TRADE);
     # their keys may repeat each other and accepted ones.
