@@ -164,7 +164,7 @@ def _history(storage: Storage, n_sec: int, ids_in_order: bool, account_of: Calla
 
     # Each set replays only the windows after its kept runs, and reads only the columns it
     # needs: cancellations are the X rows alone; seen keys of windows no other set needs
-    # are three columns, not twelve (14.7 M trades of history: 6.6-6.9 s -> see README).
+    # are three columns, not twelve (measured: README, performance, kept state runs).
     w_canc, w_acc, w_seen = covered["cancelled"], covered["accepted"], covered["seen"]
     for facts, code in batches("trade_date, ref_trade_id", f"sign = -1 AND window_id > {int(w_canc)}"):
         refs, _ = pack_keys(code, facts["trade_date"], facts["ref_trade_id"])

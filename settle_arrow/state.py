@@ -6,7 +6,8 @@ Data model:
                costs O(log n) searchsorted calls and an insert is amortised O(log n).
                Optionally runs freeze at a size (never merged again: bounded merge copies)
                and spill to files mapped read-only, so the trade history costs disk, and
-               memory only for the runs today's probes touch.
+               memory only for the runs today's probes touch; those files may stay, as a
+               TARGET's durable copy of the frozen runs (`keep_as`), and be mapped back.
   EngineState  everything a window needs to know about the past:
                  seen       trade keys (market, trade_date, trade_id) of every parsed row
                  odd_seen   the same for keys that do not pack into 64 bits (rare, exact)
@@ -19,7 +20,9 @@ Invariants: state changes only through the windows' effects, applied in window o
 a window passed its self-checks and at most one window ahead of the database (its commit
 runs meanwhile); a window that fails its checks leaves state exactly as the database has
 it, and after a failed commit the engine rebuilds state from the database (recovery.py),
-so state is always rebuildable from the database.
+so state is always rebuildable from the database. A frozen run's arrays never change (a
+kept run's files are immutable once named), so a commit may write them while later
+windows go on.
 """
 
 from __future__ import annotations

@@ -4,8 +4,10 @@ Data model: one DuckDB file holding the tables of schema.STORAGE and the views o
 sql/views.sql, except the rows of schema.SEGMENTED tables (the trade detail): those live in
 immutable Parquet files in the directory `<file>.segments/` beside it, one per window (or
 piece of one), each committed by its row in `segments` (schema.SEGMENTS) inside that
-window's transaction; the table itself is a view of the committed files. A TARGET is the
-file and that directory: copy or move them together.
+window's transaction; the table itself is a view of the committed files. The same
+directory holds the engine's kept state runs (`<set>-<run>-<column>.bin`, catalogued in
+`state_runs`, schema.STATE_RUNS, by the commit of the window whose state froze them; fsynced
+before it). A TARGET is the file and that directory: copy or move them together.
 
 Segment invariants: a file is complete before it has a name the view reads (written as
 `.tmp`, fsynced, renamed), and its directory entry is durable before the COMMIT that
