@@ -440,10 +440,6 @@ class EngineState:
         runs = SortedRuns(np.uint64, payload, frozen, self.run_dir or SPILL_DIR, name if self.run_dir else None)
         setattr(self, name, runs)
 
-    def kept_runs(self) -> dict[str, list[dict[str, str]]]:
-        """Per KEPT_SETS name, the files of each frozen run kept so far (run order)."""
-        return {name: getattr(self, name).kept for name in KEPT_SETS}
-
     def holding_keys(self, acct_idx: np.ndarray, sec_idx: np.ndarray) -> np.ndarray:
         return holding_keys(acct_idx, sec_idx, self.n_sec)
 
