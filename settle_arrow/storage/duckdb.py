@@ -179,7 +179,11 @@ class DuckDBStorage(Storage):
         self._insert(table, data)
         if table == "checkpoints":
             # Checkpoints come in window order, so the last is the one just inserted.
-            self._execute(self._committed_macro(pc.max(data["window_id"]).as_py()))
+            self._checkpointed(pc.max(data["window_id"]).as_py())
+
+    def _checkpointed(self, window_id: int) -> None:
+        super()._checkpointed(window_id)
+        self._execute(self._committed_macro(window_id))
 
     def _insert(self, table: str, data: pa.Table) -> None:
         # Not register + INSERT + unregister: the dropped view keeps its Arrow table alive
@@ -240,9 +244,8 @@ class DuckDBStorage(Storage):
         frame.write_parquet(partial, compression=SEGMENT_COMPRESSION, statistics=True)
         _fsync(partial)
         os.replace(partial, path)
-        row = {"table_name": [table], "file": [name], "window_id_min": [int(window_min)],
-               "window_id_max": [int(window_max)], "rows": [data.num_rows]}
-        self._insert("segments", pa.table(row, schema=schema.SEGMENTS))
+        self._insert_row("segments", {"table_name": table, "file": name, "window_id_min": int(window_min),
+                                      "window_id_max": int(window_max), "rows": data.num_rows})
 
     def _put_state_runs(self, window_id: int, runs: tuple[KeptRun, ...]) -> None:
         rows: dict[str, list] = {name: [] for name in schema.STATE_RUNS.names}
