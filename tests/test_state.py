@@ -82,3 +82,12 @@ def test_stable_sort_equals_a_stable_argsort(keys, narrow):
     order, ordered = stable_sort(a)
     assert np.array_equal(order, np.argsort(a, kind="stable"))
     assert np.array_equal(ordered, a[order])
+
+
+@given(markets=st.lists(st.one_of(st.none(), st.sampled_from(["XSHG", "XSHE", "xshg", "XNYS", "", "XSHG "])),
+                        max_size=30))
+def test_market_codes_are_the_dense_codes_of_known_markets(markets):
+    """Exactly the MICs of schema.MARKET_CODES get their code; anything else, null included, -1."""
+    got = state.market_codes(pl.Series(markets, dtype=pl.String))
+    assert got.dtype == np.int64
+    assert got.tolist() == [state.MARKET_CODES.get(m, -1) if m is not None else -1 for m in markets]
