@@ -324,26 +324,11 @@ class Storage(abc.ABC):
                               (src, int(size), int(rows_done), int(window_id)))
             self._put_meta(meta or {})
             cp = dict(checkpoint, window_id=window_id, committed_at=datetime.datetime.now(datetime.UTC))
-            # A plain statement, as for sources (an Arrow insert of one row: 1.3 against 0.7 ms).
-            self._insert_row("checkpoints", cp)
-            self._checkpointed(window_id)
+            self._append("checkpoints", pa.Table.from_pylist([cp], schema=schema.STORAGE["checkpoints"]))
             self._commit()
         except BaseException:
             self._rollback()
             raise
-
-    def _insert_row(self, table: str, row: Mapping[str, object]) -> None:
-        """One row of `table` (every column of its schema.STORAGE or SEGMENTS schema) by a
-        plain INSERT: a one-row Arrow insert costs DuckDB about twice as much."""
-        names = (schema.SEGMENTS if table == "segments" else schema.STORAGE[table]).names
-        assert set(row) == set(names), f"{table}: columns {sorted(row)}"
-        self._execute(f"INSERT INTO {table} ({', '.join(f'{chr(34)}{n}{chr(34)}' for n in names)}) "
-                      f"VALUES ({', '.join('?' * len(names))})", tuple(row[n] for n in names))
-
-    def _checkpointed(self, window_id: int) -> None:
-        """Hook: the checkpoint of `window_id` was just appended in the open transaction
-        (DuckDB re-makes its segment views' bound; a backend without segments needs nothing)."""
-        assert window_id >= 0
 
     # --- kept state runs (backends with a state_dir) ----------------------------------
     def _put_state_runs(self, window_id: int, runs: tuple[KeptRun, ...]) -> None:
