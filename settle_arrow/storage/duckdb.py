@@ -240,10 +240,12 @@ class DuckDBStorage(Storage):
         frame.write_parquet(partial, compression=SEGMENT_COMPRESSION, statistics=True)
         _fsync(partial)
         os.replace(partial, path)
+        row = {"table_name": table, "file": name, "window_id_min": int(window_min), "window_id_max": int(window_max),
+               "rows": data.num_rows}
+        assert list(row) == schema.SEGMENTS.names
         # A plain statement: a one-row Arrow insert costs DuckDB about twice as much.
-        names = ", ".join(f'"{n}"' for n in schema.SEGMENTS.names)
-        self._execute(f"INSERT INTO segments ({names}) VALUES (?, ?, ?, ?, ?)",
-                      (table, name, int(window_min), int(window_max), data.num_rows))
+        self._execute(f"INSERT INTO segments ({', '.join(f'{chr(34)}{n}{chr(34)}' for n in row)}) "
+                      f"VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
 
     def _put_state_runs(self, window_id: int, runs: tuple[KeptRun, ...]) -> None:
         rows: dict[str, list] = {name: [] for name in schema.STATE_RUNS.names}
