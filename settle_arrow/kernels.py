@@ -75,6 +75,71 @@ def find_in_run(run: np.ndarray, probe: np.ndarray, lo: int, hi: int, r: int, ru
 
 
 @numba.njit(cache=True, nogil=True)
+def _bucket_of(key, base, shift):  # noqa: ANN001, ANN202
+    # Unsigned arithmetic: key - base is the key's offset whatever the keys' sign (key >= base).
+    return np.int64((np.uint64(key) - np.uint64(base)) >> np.uint64(shift))
+
+
+@numba.njit(cache=True, nogil=True)
+def _bucket_table(run, shift, table):  # noqa: ANN001, ANN202
+    b = 0
+    for i in range(run.shape[0]):
+        k = _bucket_of(run[i], run[0], shift)
+        while b <= k:
+            table[b] = i
+            b += 1
+    while b < table.shape[0]:
+        table[b] = run.shape[0]
+        b += 1
+
+
+def bucket_table(run: np.ndarray, keys_per_bucket: int) -> tuple[np.ndarray, int]:
+    """(table, shift) such that the keys of bucket b, (key - run[0]) >> shift, sit at
+    run[table[b]:table[b + 1]], with shift the smallest that leaves at most
+    len(run) // keys_per_bucket buckets (but at least one, and two where keys span 2^64 - 1): as numpy, table = np.searchsorted((run - run[0])
+    >> shift, np.arange(buckets + 1)). Run sorted, non-empty; table int32 where positions fit."""
+    assert len(run) and keys_per_bucket > 0
+    span = int(run[-1]) - int(run[0])  # Python ints: no wrap for any int64 or uint64 keys
+    # At most 63: a uint64 shift by 64 is undefined (x86 shifts by 0), and 63 leaves two buckets.
+    shift = min(63, (span // max(1, len(run) // keys_per_bucket)).bit_length())
+    table = np.empty((span >> shift) + 2, dtype=np.int32 if len(run) < 1 << 31 else np.int64)
+    _bucket_table(run, shift, table)
+    return table, shift
+
+
+@numba.njit(cache=True, nogil=True)
+def _find_in_buckets(run, table, shift, probe, lo, hi, r, run_of, pos_of):  # noqa: ANN001, ANN202
+    # One read of the table, then a bisection inside the key's bucket: two cache misses a
+    # probe, independent of the previous probe's, where galloping chains its reads.
+    n = run.shape[0]
+    for i in range(lo, hi):
+        p = probe[i]
+        if i > lo and p < probe[i - 1]:
+            raise ValueError("probes must be sorted ascending")
+        if run_of[i] >= 0 or p < run[0] or p > run[n - 1]:
+            continue
+        b = _bucket_of(p, run[0], shift)
+        pos = _lower_bound_in(run, p, np.int64(table[b]), np.int64(table[b + 1]))
+        if pos < n and run[pos] == p:
+            run_of[i] = r
+            pos_of[i] = pos
+
+
+def find_in_buckets(run: np.ndarray, table: np.ndarray, shift: int, probe: np.ndarray, lo: int, hi: int, r: int,
+                    run_of: np.ndarray, pos_of: np.ndarray) -> None:
+    """find_in_run's answer (same arguments and numpy definition) through `run`'s
+    bucket_table: for runs whose keys spread evenly enough that no bucket is large
+    (measured, 10 M holding keys, two a bucket: 200 k sorted probes 13.4 -> 10.5 ms
+    against galloping, 20 k probes 3.5 -> 0.9 ms against the sampled search)."""
+    assert run.dtype == probe.dtype, "keys and probes must share a dtype (mixed signs compare wrongly)"
+    assert 0 <= lo <= hi <= len(probe) and len(run_of) == len(pos_of) == len(probe)
+    assert run_of.dtype == pos_of.dtype == np.int64
+    assert len(run) and len(table) == ((int(run[-1]) - int(run[0])) >> shift) + 2, "table must be run's bucket_table"
+    if lo < hi:
+        _find_in_buckets(run, table, shift, probe, lo, hi, r, run_of, pos_of)
+
+
+@numba.njit(cache=True, nogil=True)
 def _fees_fen(amount, regime, rates, out):  # noqa: ANN001, ANN202
     for i in range(amount.shape[0]):
         high = amount[i] // RATE_SCALE
@@ -268,6 +333,8 @@ def warm() -> None:
                 for sample, stride in ((None, 1), (run[::2].copy(), 2)):
                     find_in_run(run, probe, 0, 2, 0, np.full(2, -1, dtype=np.int64), np.zeros(2, dtype=np.int64),
                                 sample, stride)
+                find_in_buckets(run, *bucket_table(run, 1), probe, 0, 2, 0, np.full(2, -1, dtype=np.int64),
+                                np.zeros(2, dtype=np.int64))
     fees_fen(zeros, zeros, np.zeros((1, 1, 1), dtype=np.int64))
     probe_slots(np.zeros((2, 2), dtype=np.uint64), np.ones(1, dtype=np.uint64), np.uint64(1))
     for dtype in (np.int32, np.int64):  # payload columns (state.ACCEPTED_PAYLOAD, holdings)
