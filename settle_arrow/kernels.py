@@ -96,8 +96,9 @@ def _bucket_table(run, shift, table):  # noqa: ANN001, ANN202
 def bucket_table(run: np.ndarray, keys_per_bucket: int) -> tuple[np.ndarray, int]:
     """(table, shift) such that the keys of bucket b, (key - run[0]) >> shift, sit at
     run[table[b]:table[b + 1]], with shift the smallest that leaves at most
-    len(run) // keys_per_bucket buckets (but at least one, and two where keys span 2^64 - 1): as numpy, table = np.searchsorted((run - run[0])
-    >> shift, np.arange(buckets + 1)). Run sorted, non-empty; table int32 where positions fit."""
+    max(1, len(run) // keys_per_bucket) buckets (two where the keys span 2^64 - 1): as
+    numpy, table = np.searchsorted((run - run[0]) >> shift, np.arange(buckets + 1)). Run
+    sorted, non-empty; table int32 where positions fit."""
     assert len(run) and keys_per_bucket > 0
     span = int(run[-1]) - int(run[0])  # Python ints: no wrap for any int64 or uint64 keys
     # At most 63: a uint64 shift by 64 is undefined (x86 shifts by 0), and 63 leaves two buckets.
