@@ -154,8 +154,8 @@ def test_fees_fen_refuses_what_would_not_stay_exact():
 
 def test_warm_loads_every_type_the_state_passes(tmp_path):
     """After kernels.warm(), finds over hot and spilled (read-only) runs of signed and
-    unsigned keys, sampled, bucketed or neither, compile nothing more: the background load at start-up
-    covers them all, so no window waits on a compile."""
+    unsigned keys, sampled, bucketed or neither, compile nothing more: the background
+    load at start-up covers them all, so no window waits on a compile."""
     from unittest import mock
 
     from settle_arrow import kernels, state
