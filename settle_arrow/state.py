@@ -45,7 +45,7 @@ MARKET_CODES = schema.MARKET_CODES
 assert len(MARKET_CODES) <= 1 << (64 - DAY_BITS - TRADE_ID_BITS), "market codes must fit their bits"
 # A run of at least BUCKETED_RUN_ROWS_MIN keys that a find meets again unchanged (it
 # outlives a window, so building an index pays) gets a bucket table (kernels.bucket_table,
-# KEYS_PER_BUCKET keys a bucket on average): a probe then reads the table and bisects one
+# KEYS_PER_BUCKET to twice that keys a bucket on average): a probe then reads the table and bisects one
 # bucket, two cache misses whatever the probes' density (measured, 10 M holding keys: 200 k
 # sorted probes 13.4 -> 10.5 ms, 20 k probes 3.5 -> 0.9 ms; the table costs 4 bytes per
 # two keys). Keys that crowd into a few buckets (trade keys are day-major: a day's keys
