@@ -45,17 +45,17 @@ MARKET_CODES = schema.MARKET_CODES
 assert len(MARKET_CODES) <= 1 << (64 - DAY_BITS - TRADE_ID_BITS), "market codes must fit their bits"
 # A run of at least BUCKETED_RUN_ROWS_MIN keys that a find meets again unchanged (it
 # outlives a window, so building an index pays) gets a bucket table (kernels.bucket_table,
-# KEYS_PER_BUCKET to twice that keys a bucket on average): a probe then reads the table and bisects one
-# bucket, two cache misses whatever the probes' density (measured, 10 M holding keys: 200 k
-# sorted probes 13.4 -> 10.5 ms, 20 k probes 3.5 -> 0.9 ms; the table costs 4 bytes per
-# two keys). Keys that crowd into a few buckets (trade keys are day-major: a day's keys
-# are one narrow band of a wide range) leave a bucket over BUCKET_KEYS_MAX: such a run is
-# searched as before, through a sample of every SAMPLE_STRIDE-th key (kernels.find_in_run)
-# when it holds SAMPLED_RUN_PROBE_RATIO keys per probe (sparse probes then search the
-# sample, which stays in cache between windows, and miss cache only inside their block),
-# else by galloping through the run itself (measured, 10 M keys: 200 k probes 11.6 ms plain
-# against 15.6 sampled; 20 k probes 6.4 against 2.6). The sample costs 1/SAMPLE_STRIDE of
-# the keys' memory.
+# KEYS_PER_BUCKET to twice that many keys a bucket on average): a probe then reads the
+# table and bisects one bucket, two cache misses whatever the probes' density (measured,
+# 10 M holding keys: 200 k sorted probes 13.4 -> 10.5 ms, 20 k probes 3.5 -> 0.9 ms; the
+# table costs at most 4 bytes per two keys). Keys that crowd into a few buckets (trade
+# keys are day-major: a day's keys are one narrow band of a wide range) leave a bucket
+# over BUCKET_KEYS_MAX: such a run is searched as before, through a sample of every
+# SAMPLE_STRIDE-th key (kernels.find_in_run) when it holds SAMPLED_RUN_PROBE_RATIO keys
+# per probe (sparse probes then search the sample, which stays in cache between windows,
+# and miss cache only inside their block), else by galloping through the run itself
+# (measured, 10 M keys: 200 k probes 11.6 ms plain against 15.6 sampled; 20 k probes 6.4
+# against 2.6). The sample costs 1/SAMPLE_STRIDE of the keys' memory.
 BUCKETED_RUN_ROWS_MIN = 1 << 16
 KEYS_PER_BUCKET = 2
 BUCKET_KEYS_MAX = 128
