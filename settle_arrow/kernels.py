@@ -99,13 +99,19 @@ def bucket_table(run: np.ndarray, keys_per_bucket: int) -> tuple[np.ndarray, int
     max(1, len(run) // keys_per_bucket) buckets (two where the keys span 2^64 - 1): as
     numpy, table = np.searchsorted((run - run[0]) >> shift, np.arange(buckets + 1)). Run
     sorted, non-empty; table int32 where positions fit."""
-    assert len(run) and keys_per_bucket > 0
+    shift = bucket_shift(run, keys_per_bucket)
     span = int(run[-1]) - int(run[0])  # Python ints: no wrap for any int64 or uint64 keys
-    # At most 63: a uint64 shift by 64 is undefined (x86 shifts by 0), and 63 leaves two buckets.
-    shift = min(63, (span // max(1, len(run) // keys_per_bucket)).bit_length())
     table = np.empty((span >> shift) + 2, dtype=np.int32 if len(run) < 1 << 31 else np.int64)
     _bucket_table(run, shift, table)
     return table, shift
+
+
+def bucket_shift(run: np.ndarray, keys_per_bucket: int) -> int:
+    """The shift bucket_table(run, keys_per_bucket) buckets `run`'s keys by."""
+    assert len(run) and keys_per_bucket > 0
+    span = int(run[-1]) - int(run[0])
+    # At most 63: a uint64 shift by 64 is undefined (x86 shifts by 0), and 63 leaves two buckets.
+    return min(63, (span // max(1, len(run) // keys_per_bucket)).bit_length())
 
 
 @numba.njit(cache=True, nogil=True)

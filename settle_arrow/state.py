@@ -252,16 +252,14 @@ class SortedRuns:
         BUCKETED_RUN_ROWS_MIN)."""
         # Imported here, not with this module: numba and the compiled code load in a
         # background thread at start-up (kernel_loader.load_in_background), off the restart's path.
-        from settle_arrow.kernels import bucket_table, find_in_buckets, find_in_run
+        from settle_arrow.kernels import find_in_buckets, find_in_run
 
         index = self._indexes.get(r)
         if index is None or index.keys is not run_keys:
             index = self._indexes[r] = _RunIndex(run_keys)
         elif not index.bucketing_tried and len(run_keys) >= BUCKETED_RUN_ROWS_MIN:
             index.bucketing_tried = True
-            table, shift = bucket_table(run_keys, KEYS_PER_BUCKET)
-            if int(np.diff(table).max()) <= BUCKET_KEYS_MAX:
-                index.buckets = (table, shift)
+            index.buckets = _bucketed(run_keys)
         if index.buckets is not None:
             find_in_buckets(run_keys, *index.buckets, probe, lo, hi, r, run_of, pos_of)
         elif len(run_keys) >= max(SAMPLED_RUN_ROWS_MIN, SAMPLED_RUN_PROBE_RATIO * (hi - lo)):
@@ -352,6 +350,22 @@ class SortedRuns:
         self._maps[self.n_frozen] = maps
         self.kept.append(names)
         self.n_frozen += 1
+
+
+def _bucketed(keys: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """kernels.bucket_table of sorted `keys`, or None where a bucket would hold more than
+    BUCKET_KEYS_MAX of them. Every BUCKET_KEYS_MAX-th key is bucketed first: two of those in
+    one bucket put at least BUCKET_KEYS_MAX + 1 keys there, which refuses a crowded run
+    (day-major trade keys) for one read in BUCKET_KEYS_MAX, without building its table."""
+    from settle_arrow.kernels import bucket_shift, bucket_table  # numba loads in the background (see find)
+
+    # Offsets from the first key as uint64: exact for either key type (keys >= keys[0]).
+    spaced = (keys[::BUCKET_KEYS_MAX].view(np.uint64) - keys[:1].view(np.uint64)) >> np.uint64(
+        bucket_shift(keys, KEYS_PER_BUCKET))
+    if bool((spaced[1:] == spaced[:-1]).any()):
+        return None
+    table, shift = bucket_table(keys, KEYS_PER_BUCKET)
+    return (table, shift) if int(np.diff(table).max()) <= BUCKET_KEYS_MAX else None
 
 
 @dataclasses.dataclass

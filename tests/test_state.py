@@ -13,7 +13,7 @@ import polars as pl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from settle_arrow import state
+from settle_arrow import kernels, state
 from settle_arrow.state import SortedRuns, pack_keys, stable_sort
 
 batches = st.lists(st.lists(st.integers(0, 400), max_size=60), max_size=25)
@@ -118,6 +118,9 @@ def test_a_run_met_again_gets_a_bucket_table_unless_its_keys_crowd():
             runs.insert(keys)
             runs.find(keys[::7])
             assert runs._indexes[0].buckets is None  # first met: no index built yet
-            run_of, pos_of = runs.find(keys[::7])
+            with mock.patch.object(kernels, "bucket_table", wraps=kernels.bucket_table) as build:
+                run_of, pos_of = runs.find(keys[::7])
             assert (runs._indexes[0].buckets is not None) == bucketed
+            # Crowded keys are refused from every BUCKET_KEYS_MAX-th key, no table built.
+            assert build.called == bucketed
             assert (run_of == 0).all() and np.array_equal(pos_of, np.arange(0, len(keys), 7))
