@@ -327,7 +327,6 @@ class SortedRuns:
         # Indexes of runs that merges replaced would keep those arrays alive: drop them.
         self._indexes = {r: x for r, x in self._indexes.items() if r < len(self.runs) and x.keys is self.runs[r][0]}
 
-
     def _file_names(self, run: int) -> dict[str, str]:
         return {c: f"{self.keep_as}-{run:06d}-{c}{RUN_FILE_SUFFIX}" for c in (KEY_COLUMN, *self.payload_types)}
 
