@@ -6,9 +6,9 @@ Data model:
   CommitLane       one background thread that runs commit jobs strictly in submission
                    order, at most one in flight.
 
-Invariants: commits happen in window order and window N+1 is submitted only after window
-N's commit returned, so the database always holds a prefix of the windows and a crash
-loses only uncommitted ones (which replay again on restart: exactly once). Every error of
+Invariants: commits happen in window order and a job is submitted only after the one before
+it returned, so the database always holds a prefix of the windows and a crash loses only
+uncommitted ones (which replay again on restart: exactly once). Every error of
 a background thread is raised in the caller's thread; no thread outlives its `with`.
 Parquet decoding, Polars, numpy sorts and DuckDB release the GIL, which is why threads
 rather than processes suffice here (measured: see README, performance).
@@ -79,6 +79,10 @@ class CommitLane:
         the caller's thread once `job` has returned, at the next submit or drain."""
         self.drain()
         self._pending, self._on_done = self._pool.submit(job), on_done
+
+    def busy(self) -> bool:
+        """Whether the job last submitted is still running."""
+        return self._pending is not None and not self._pending.done()
 
     def drain(self) -> None:
         """Wait for the job in flight; raise its error; run its `on_done`."""

@@ -17,8 +17,8 @@ Data model:
                  reported   NEGATIVE_HOLDING keys already raised
 
 Invariants: state changes only through the windows' effects, applied in window order once
-a window passed its self-checks and at most one window ahead of the database (its commit
-runs meanwhile); a window that fails its checks leaves state exactly as the database has
+a window passed its self-checks, ahead of the database by at most the windows waiting for
+or in a commit (engine.COMMIT_GROUP_WINDOWS_MAX and the group committing); a window that fails its checks leaves state exactly as the database has
 it, and after a failed commit the engine rebuilds state from the database (recovery.py),
 so state is always rebuildable from the database. A frozen run's arrays never change (a
 kept run's files are immutable once named), so a commit may write them while later

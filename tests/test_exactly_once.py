@@ -13,6 +13,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -152,6 +153,11 @@ HARNESS = textwrap.dedent(
     announce = bool(os.environ.get("SA_ANNOUNCE"))
     if os.environ.get("SA_COMPACT_MIN"):
         engine.COMPACT_ROWS_MIN = int(os.environ["SA_COMPACT_MIN"])
+    if os.environ.get("SA_GROUP_WINDOWS"):
+        # Groups of exactly this many windows whatever the timing (traps count statements).
+        from settle_arrow import pipeline
+        engine.COMMIT_GROUP_WINDOWS_MAX = int(os.environ["SA_GROUP_WINDOWS"])
+        pipeline.CommitLane.busy = lambda self: True
     if os.environ.get("SA_PIECE_ROWS"):  # large windows in pieces, state runs frozen and spilled early
         from settle_arrow import state
         engine.PIECE_ROWS_MAX = int(os.environ["SA_PIECE_ROWS"])
@@ -225,7 +231,7 @@ def _kill_after(cmd: list[str], delay: float, env: dict | None = None) -> bool:
 
 
 def _kill_at_trap(cmd: list[str], trap: str, env_extra: dict | None = None) -> None:
-    env = dict(os.environ, SA_TRAP=trap, **(env_extra or {}))
+    env = dict(os.environ, SA_TRAP=trap, **{"SA_GROUP_WINDOWS": "1", **(env_extra or {})})
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
         assert p.stderr is not None
@@ -307,24 +313,34 @@ def _kill_after_commits(cmd: list[str], commits: int, delay: float) -> bool:
 
 
 @pytest.mark.parametrize(
-    "traps",
+    ("traps", "group"),
     [
         # schema creation; inside a window's transaction after its data, before its
         # checkpoint row, before COMMIT; right after COMMIT, before in-memory state moves on
-        ["CREATE TABLE IF NOT EXISTS quarantine:1", "append-trade_facts:3", "append-checkpoints:2",
-         "before-commit:5", "after-commit:4"],
+        (["CREATE TABLE IF NOT EXISTS quarantine:1", "append-trade_facts:3", "append-checkpoints:2",
+          "before-commit:5", "after-commit:4"], 1),
         # the opening-holdings commit (window 0), then while a window writes source offsets
-        ["append-opening_holdings:1", "INSERT INTO sources:3", "DELETE FROM sources:7"],
+        (["append-opening_holdings:1", "INSERT INTO sources:3", "DELETE FROM sources:7"], 1),
+        # group commits of three windows each, killed inside the second group's transaction
+        # (after its rows, after its checkpoint rows, before COMMIT) and right after one
+        (["append-trade_facts:2", "append-checkpoints:2", "before-commit:2", "after-commit:1"], 3),
     ],
+    ids=["one-window-commits", "opening-and-offsets", "group-commits"],
 )
-def test_sigkill_mid_commit(market, reference, harness, tmp_path, traps, new_target):
+def test_sigkill_mid_commit(market, reference, harness, tmp_path, traps, group, new_target):
     db = new_target()
     total = sum(_rows(f) for f in _files(market))
     cmd = _replay_cmd(harness, market, db, 2000)
     for trap in traps:
-        _kill_at_trap(cmd, trap)
+        _kill_at_trap(cmd, trap, {"SA_GROUP_WINDOWS": str(group)})
+        # Whole groups or nothing: committed rows are whole windows (2,000 rows each, the
+        # last window aside).
+        assert _committed_rows(db) % 2000 == 0 or _committed_rows(db) == total
     _finish(cmd)
     _check_against(db, reference, total)
+    if group > 1:  # the groups did form: windows of one commit share its committed_at
+        stamps = snapshot(db)["checkpoints"].filter(pl.col("window_id") > 0)["committed_at"]
+        assert stamps.value_counts()["count"].max() >= group
 
 
 def test_sigkill_mid_compaction(market, reference, harness, tmp_path, new_target):

@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from snapshots import RESULT_TABLES, TABLES, assert_same_tables, snapshot
 
-from settle_arrow import SelfCheckError, replay
+from settle_arrow import SelfCheckError, pipeline, replay
+from settle_arrow import engine as engine_module
 from settle_arrow.engine import STAGES, Engine
 from settle_arrow.io.files import discover
 from settle_arrow.refdata import load_refdata
@@ -137,10 +138,17 @@ def _bookkeeping(storage) -> dict[str, pl.DataFrame]:
     return out
 
 
+@pytest.mark.parametrize("group", [1, 2], ids=["alone", "grouped"])
 @pytest.mark.parametrize("resume", ["new_engine", "same_engine"])
 @pytest.mark.parametrize("fault", list(FAULTS))
-def test_faulty_stage_fails_window_and_commits_nothing(market, reference, new_target, fault, resume):
+def test_faulty_stage_fails_window_and_commits_nothing(market, reference, new_target, fault, resume, group,
+                                                       monkeypatch):
     stages, invariant = FAULTS[fault]
+    if group > 1:
+        # Group commits of `group` windows: the window before the faulty one is held when
+        # the check fails, and still commits.
+        monkeypatch.setattr(pipeline.CommitLane, "busy", lambda self: True)
+        monkeypatch.setattr(engine_module, "COMMIT_GROUP_WINDOWS_MAX", group)
     db = new_target()
     sources = discover([str(market / "trades")])
     ref = load_refdata(str(market / "refdata"))

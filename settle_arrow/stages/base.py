@@ -11,7 +11,7 @@ Data model:
 
 Invariants: a stage adds frames, never mutates one it received; every frame whose name is
 a storage table is appended by the engine in the window's single transaction; effects run
-in order, once the window passed its self-checks, while that transaction commits (the
+in order, once the window passed its self-checks, before that transaction commits (the
 engine rebuilds state from the database if it fails).
 """
 

@@ -20,11 +20,12 @@ import abc
 import dataclasses
 import datetime
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from settle_arrow import schema
 from settle_arrow.errors import UserError
@@ -99,6 +100,11 @@ def _in_key_order(holdings: pa.Table) -> bool:
     return bool((key[1:] >= key[:-1]).all())
 
 
+def _with_window_id(data: pa.Table, window_id: int) -> pa.Table:
+    # numpy fill, not a Python list of num_rows ints (pieces hold 500 k rows)
+    return data.append_column("window_id", pa.array(np.full(data.num_rows, window_id, dtype=np.int64)))
+
+
 @dataclasses.dataclass(frozen=True)
 class KeptRun:
     """One frozen run of a key set kept as files (see schema.STATE_RUNS)."""
@@ -107,6 +113,18 @@ class KeptRun:
     run_no: int
     files: Mapping[str, str]  # column -> file name in Storage.state_dir
     covered_window: int
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowMark:
+    """What commits with a window beside its rows: its checkpoint row (less window_id and
+    committed_at), its sources' offsets (source, size_bytes, rows_done) and the state runs
+    kept since the last commit."""
+
+    window_id: int
+    checkpoint: Mapping[str, object]
+    sources: tuple[tuple[str, int, int], ...] = ()
+    state_runs: tuple[KeptRun, ...] = ()
 
 
 class Storage(abc.ABC):
@@ -283,11 +301,12 @@ class Storage(abc.ABC):
             self._rollback()
 
     def _window_appends(self, window_id: int, appends: Mapping[str, pa.Table]) -> None:
+        self._appends_with_ids({name: _with_window_id(data, window_id) for name, data in appends.items()})
+
+    def _appends_with_ids(self, appends: Mapping[str, pa.Table]) -> None:
         for name, data in appends.items():
             assert name in schema.WINDOW_APPENDS, name
             if data.num_rows:
-                # numpy fill, not a Python list of num_rows ints (pieces hold 500 k rows)
-                data = data.append_column("window_id", pa.array(np.full(data.num_rows, window_id, dtype=np.int64)))
                 self._append(name, conform(data, schema.STORAGE[name]))
 
     def commit_window(
@@ -304,27 +323,52 @@ class Storage(abc.ABC):
         """One transaction (with the window's staged pieces, if any): appends (+window_id),
         state runs kept since the last commit, checkpoint row, source offsets, meta.
         Windows commit in order: `window_id` is at least that of every committed window."""
+        mark = WindowMark(window_id, checkpoint, tuple(sources), state_runs)
+        self._commit_marks((mark,), {name: _with_window_id(data, window_id) for name, data in appends.items()},
+                           meta, extra, statements)
+
+    def commit_windows(self, marks: Sequence[WindowMark], appends: Mapping[str, pa.Table]) -> None:
+        """Several consecutive windows in one transaction (group commit: a commit's fixed
+        cost shared by the windows that queued while the one before it ran); `appends` hold
+        the rows of all of them, each row with its window_id. Each window still commits
+        whole or not at all, so a reader or a restart sees a prefix of the windows."""
+        ids = [m.window_id for m in marks]
+        assert ids and all(a < b for a, b in zip(ids, ids[1:], strict=False)), f"windows in order: {ids}"
+        assert self._open_window is None or len(ids) == 1, "a window in pieces commits alone"
+        for name, data in appends.items():
+            if data.num_rows:
+                span = pc.min_max(data["window_id"])
+                assert ids[0] <= span["min"].as_py() and span["max"].as_py() <= ids[-1], f"{name}: rows of other windows"
+        self._commit_marks(tuple(marks), appends)
+
+    def _commit_marks(self, marks: tuple[WindowMark, ...], appends: Mapping[str, pa.Table],
+                      meta: Mapping[str, str] | None = None, extra: Mapping[str, pa.Table] | None = None,
+                      statements: tuple[str, ...] = ()) -> None:
         if self._open_window is None:
             self._begin()
-        assert self._open_window in (None, window_id), "a window's pieces commit with that window"
+        assert self._open_window in (None, marks[0].window_id), "a window's pieces commit with that window"
         self._open_window = None
         try:
-            self._window_appends(window_id, appends)
+            self._appends_with_ids(appends)
             for name, data in (extra or {}).items():
                 if data.num_rows:
                     self._append(name, conform(data, schema.STORAGE[name]))
             for stmt in statements:
                 self._execute(stmt)
-            if state_runs:
-                self._put_state_runs(window_id, state_runs)
-            for src, size, rows_done in sources:
+            for mark in marks:
+                if mark.state_runs:
+                    self._put_state_runs(mark.window_id, mark.state_runs)
+            # Each source's row as of the last window that read it.
+            offsets = {src: (size, rows_done, mark.window_id) for mark in marks for src, size, rows_done in mark.sources}
+            for src, (size, rows_done, window_id) in offsets.items():
                 # Plain statements: an Arrow insert of one row costs DuckDB twice as much.
                 self._execute("DELETE FROM sources WHERE source = ?", (src,))
                 self._execute("INSERT INTO sources (source, size_bytes, rows_done, window_id) VALUES (?, ?, ?, ?)",
                               (src, int(size), int(rows_done), int(window_id)))
             self._put_meta(meta or {})
-            cp = dict(checkpoint, window_id=window_id, committed_at=datetime.datetime.now(datetime.UTC))
-            self._append("checkpoints", pa.Table.from_pylist([cp], schema=schema.STORAGE["checkpoints"]))
+            now = datetime.datetime.now(datetime.UTC)
+            rows = [dict(m.checkpoint, window_id=m.window_id, committed_at=now) for m in marks]
+            self._append("checkpoints", pa.Table.from_pylist(rows, schema=schema.STORAGE["checkpoints"]))
             self._commit()
         except BaseException:
             self._rollback()

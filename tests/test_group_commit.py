@@ -1,0 +1,147 @@
+"""Group commit: windows processed while the commit before them ran commit together, in one
+transaction (Storage.commit_windows, Engine.run). What must hold, on every backend: each
+window still commits whole or not at all, in order, with its own checkpoint row; source
+offsets are those of the group's last window that read each source; results do not depend
+on how windows were grouped; callbacks still come once per window, in window order.
+(SIGKILLs inside a group's transaction: test_exactly_once.py, group-commits.)"""
+
+from __future__ import annotations
+
+import polars as pl
+import pyarrow as pa
+import pytest
+
+from settle_arrow import engine, open_target, pipeline, replay, schema
+from settle_arrow.engine import WindowTiming
+from settle_arrow.generate import MarketSpec, generate_market
+from settle_arrow.storage import open_storage
+from settle_arrow.storage.base import WindowMark
+
+TABLES = [t for t in schema.OUTPUT if t != "checkpoints"]
+
+
+def _quarantine(window_id: int, rows: int) -> pa.Table:
+    """`rows` quarantine rows of `window_id` (all text but source_row and window_id)."""
+    cols = {f.name: pa.array([f"{window_id}-{i}" for i in range(rows)], f.type)
+            for f in schema.STORAGE["quarantine"] if pa.types.is_string(f.type)}
+    return pa.table({**cols, "source_row": pa.array(range(rows), pa.int64()),
+                     "window_id": pa.array([window_id] * rows, pa.int64())})
+
+
+def _mark(window_id: int, rows_done: int, source: str = "a.parquet") -> WindowMark:
+    return WindowMark(window_id, {"source": source, "offset": rows_done, "rows": 2, "digest": str(window_id)},
+                      ((source, 100, rows_done),))
+
+
+def test_windows_of_one_group_commit_together(new_target):
+    storage = open_storage(new_target())
+    try:
+        storage.ensure_schema()
+        rows = pa.concat_tables([_quarantine(1, 2), _quarantine(2, 3), _quarantine(3, 1)])
+        marks = [_mark(1, 2), _mark(2, 4), WindowMark(3, _mark(3, 1, "b.parquet").checkpoint,
+                                                         (("a.parquet", 100, 6), ("b.parquet", 50, 1)))]
+        storage.commit_windows(marks, {"quarantine": rows})
+        cps = storage.query('SELECT window_id, "offset", committed_at FROM checkpoints ORDER BY window_id')
+        per_window = storage.query("SELECT window_id, COUNT(*) AS n FROM quarantine GROUP BY 1 ORDER BY 1")
+        sources = storage.query("SELECT source, rows_done, window_id FROM sources ORDER BY source")
+    finally:
+        storage.close()
+    assert cps["window_id"].to_pylist() == [1, 2, 3]
+    assert cps["offset"].to_pylist() == [2, 4, 1]
+    assert len(set(cps["committed_at"].to_pylist())) == 1, "one transaction, one commit time"
+    assert per_window.to_pylist() == [{"window_id": 1, "n": 2}, {"window_id": 2, "n": 3}, {"window_id": 3, "n": 1}]
+    # Each source as the group's last window that read it left it.
+    assert sources.to_pylist() == [{"source": "a.parquet", "rows_done": 6, "window_id": 3},
+                                   {"source": "b.parquet", "rows_done": 1, "window_id": 3}]
+
+
+def test_a_failed_group_commits_none_of_its_windows(new_target, monkeypatch):
+    storage = open_storage(new_target())
+    try:
+        storage.ensure_schema()
+        storage.commit_windows([_mark(1, 2)], {"quarantine": _quarantine(1, 2)})
+        append = type(storage)._append
+
+        def failing(self, table, data):
+            if table == "checkpoints":
+                raise RuntimeError("disk full")  # after the group's rows went in
+            append(self, table, data)
+
+        monkeypatch.setattr(type(storage), "_append", failing)
+        with pytest.raises(RuntimeError, match="disk full"):
+            storage.commit_windows([_mark(2, 4), _mark(3, 6)],
+                                   {"quarantine": pa.concat_tables([_quarantine(2, 2), _quarantine(3, 2)])})
+        monkeypatch.undo()
+        assert storage.max_window_id() == 1
+        assert storage.count("quarantine") == 2
+        assert storage.source_progress() == {"a.parquet": (100, 2)}
+        # and the TARGET takes the same windows again
+        storage.commit_windows([_mark(2, 4), _mark(3, 6)],
+                               {"quarantine": pa.concat_tables([_quarantine(2, 2), _quarantine(3, 2)])})
+        assert storage.max_window_id() == 3 and storage.count("quarantine") == 6
+    finally:
+        storage.close()
+
+
+def test_a_group_refuses_windows_out_of_order_or_rows_of_other_windows(tmp_path):
+    storage = open_storage(str(tmp_path / "t.duckdb"))
+    try:
+        storage.ensure_schema()
+        with pytest.raises(AssertionError, match="windows in order"):
+            storage.commit_windows([_mark(2, 2), _mark(1, 4)], {})
+        with pytest.raises(AssertionError, match="rows of other windows"):
+            storage.commit_windows([_mark(1, 2), _mark(2, 4)], {"quarantine": _quarantine(3, 1)})
+        assert storage.max_window_id() == 0
+    finally:
+        storage.close()
+
+
+# --- the engine's grouping ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def market(tmp_path_factory):
+    root = tmp_path_factory.mktemp("market")
+    return generate_market(root, MarketSpec(trades=3000, seed=21, accounts=80, securities=15, participants=4,
+                                            days=3, bad_rate=0.05, cancel_rate=0.05))
+
+
+@pytest.fixture(scope="module")
+def reference(market, tmp_path_factory):
+    db = str(tmp_path_factory.mktemp("ref") / "batch.duckdb")
+    replay(list(market.trade_files), market.refdata_dir, db, batch=True)
+    with open_target(db) as t:
+        return {name: t.table(name) for name in TABLES}
+
+
+@pytest.mark.parametrize(("windows_max", "rows_max", "group"), [(5, 200_000, 5), (16, 1750, 7), (1, 200_000, 1)])
+def test_grouped_windows_give_the_same_tables(market, reference, new_target, monkeypatch, windows_max, rows_max,
+                                              group):
+    """A lane that is always busy: every group fills to its bound (windows or rows)."""
+    monkeypatch.setattr(pipeline.CommitLane, "busy", lambda self: True)
+    monkeypatch.setattr(engine, "COMMIT_GROUP_WINDOWS_MAX", windows_max)
+    monkeypatch.setattr(engine, "COMMIT_GROUP_ROWS_MAX", rows_max)
+    db = new_target()
+    seen: list[tuple[int, int]] = []
+    timings: list[WindowTiming] = []
+    report = replay(list(market.trade_files), market.refdata_dir, db, window_rows=250,
+                    on_window=lambda rows, windows: seen.append((rows, windows)), on_commit=timings.append)
+    with open_target(db) as t:
+        got = {name: t.table(name) for name in TABLES}
+        cps = t.table("checkpoints").filter(pl.col("window_id") > 0)
+        # Each input row stored under its own window.
+        per_window = t.storage.query("SELECT window_id, COUNT(*) AS n FROM (SELECT window_id FROM trade_facts "
+                                     "UNION ALL SELECT window_id FROM quarantine) AS w GROUP BY 1 ORDER BY 1")
+    for name in TABLES:
+        assert got[name].equals(reference[name]), f"{name} differs"
+    n = report.windows
+    assert n == 12 and cps["window_id"].to_list() == list(range(1, n + 1)) and cps["rows"].sum() == 3000
+    assert per_window["window_id"].to_pylist() == list(range(1, n + 1)) and set(per_window["n"].to_pylist()) == {250}
+    # Windows of one group share its commit time: groups of `group` windows, the last one
+    # perhaps shorter.
+    sizes = cps.group_by("committed_at", maintain_order=True).len()["len"].to_list()
+    assert sizes == [group] * (n // group) + ([n % group] if n % group else [])
+    # Callbacks: once per window, in order, each window's own rows.
+    assert seen == [(250 * w, w) for w in range(1, n + 1)]
+    assert [t.window_id for t in timings] == list(range(1, n + 1)) and all(t.rows == 250 for t in timings)
+    assert all(t.input_complete_s <= t.commit_started_s <= t.committed_s for t in timings)
