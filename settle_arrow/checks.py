@@ -34,27 +34,23 @@ def window_violations(window: Window) -> list[str]:
     if n_in != n_acc + n_q:
         out.append(f"rows read {n_in} != accepted {n_acc} + quarantined {n_q}")
 
-    sec = f["obligations_securities_delta"]
-    bad = sec.group_by("market", "trade_date", "security_id").agg(pl.col("net_quantity").sum()).filter(
-        pl.col("net_quantity") != 0
-    )
-    if bad.height:
-        out.append(f"net securities do not sum to zero: {_first(bad)}")
-    bad = sec.filter(pl.col("net_quantity") != pl.col("buy_quantity") - pl.col("sell_quantity"))
-    if bad.height:
-        out.append(f"net_quantity != buy - sell: {_first(bad)}")
-
-    cash = f["obligations_cash_delta"]
-    bad = (
-        cash.group_by("market", "trade_date")
+    sec = f["obligations_securities_delta"].lazy()
+    cash = f["obligations_cash_delta"].lazy()
+    # Each query yields the rows that break its invariant; all run in one collect (one
+    # call's fixed cost instead of four: 2.8 -> 1.5 ms a 10,000-row window, measured), on
+    # the in-memory engine, as eager calls are: the streaming one panics summing decimals
+    # here (polars 2.1, "values.dtype() == &self.in_dtype").
+    queries = {
+        "net securities do not sum to zero": sec.group_by("market", "trade_date", "security_id")
+        .agg(pl.col("net_quantity").sum()).filter(pl.col("net_quantity") != 0),
+        "net_quantity != buy - sell": sec.filter(pl.col("net_quantity") != pl.col("buy_quantity") - pl.col("sell_quantity")),
+        "net cash != -fees": cash.group_by("market", "trade_date")
         .agg(pl.col("net_amount").sum(), pl.sum_horizontal(pl.col(FEE_COLS)).sum().alias("fees"))
-        .filter(pl.col("net_amount") != -pl.col("fees"))
-    )
-    if bad.height:
-        out.append(f"net cash != -fees: {_first(bad)}")
-
-    hold = f["holdings_delta"]
-    bad = hold.group_by("sec_idx").agg(pl.col("quantity").sum()).filter(pl.col("quantity") != 0)
-    if bad.height:
-        out.append(f"holdings not conserved: {_first(bad)}")
+        .filter(pl.col("net_amount") != -pl.col("fees")),
+        "holdings not conserved": f["holdings_delta"].lazy().group_by("sec_idx").agg(pl.col("quantity").sum())
+        .filter(pl.col("quantity") != 0),
+    }
+    for message, bad in zip(queries, pl.collect_all(queries.values(), engine="in-memory"), strict=True):
+        if bad.height:
+            out.append(f"{message}: {_first(bad)}")
     return out
