@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 
 from settle_arrow import schema
@@ -128,7 +129,7 @@ def storage_ceiling(replayed: Path, window: int | None, scratch: Path) -> dict:
             else:
                 checkpoint = {"source": "ceiling", "offset": rows + batch.num_rows, "rows": batch.num_rows, "digest": ""}
                 group.append((WindowMark(window_id, checkpoint),
-                              piece.append_column("window_id", pa.array([window_id] * piece.num_rows, pa.int64()))))
+                              piece.append_column("window_id", pa.array(np.full(piece.num_rows, window_id, dtype=np.int64)))))
                 window_id += 1
                 # The bounds as Engine.run applies them (a group goes once it reaches one).
                 if (following is None or len(group) >= COMMIT_GROUP_WINDOWS_MAX

@@ -231,6 +231,8 @@ def _kill_after(cmd: list[str], delay: float, env: dict | None = None) -> bool:
 
 
 def _kill_at_trap(cmd: list[str], trap: str, env_extra: dict | None = None) -> None:
+    # One window a commit unless asked otherwise: traps count statements, and the groups
+    # that form by themselves depend on timing.
     env = dict(os.environ, SA_TRAP=trap, **{"SA_GROUP_WINDOWS": "1", **(env_extra or {})})
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
@@ -418,7 +420,7 @@ def test_dropped_connection_at_chosen_points(market, reference, harness, pg_back
     cmd = _replay_cmd(harness, market, db, 1500)
     for trap in traps:
         p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             env=dict(os.environ, SA_TRAP=trap, SA_TRAP_RESUME="1"))
+                             env=dict(os.environ, SA_TRAP=trap, SA_TRAP_RESUME="1", SA_GROUP_WINDOWS="1"))
         assert p.stderr is not None and p.stdin is not None
         line = p.stderr.readline()
         assert line.strip() == b"TRAPPED", line + p.stderr.read()

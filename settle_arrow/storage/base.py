@@ -11,7 +11,9 @@ both backends behave identically.
 
 Invariants: `commit_window` writes a window's appends (with those of its earlier pieces,
 which `stage_window` put in the same open transaction), its checkpoint row and source
-offsets in one transaction, or nothing; readers see only committed windows.
+offsets in one transaction, or nothing; `commit_windows` does so for several consecutive
+windows at once (group commit), each with its own checkpoint row; readers see only
+committed windows.
 """
 
 from __future__ import annotations
@@ -344,6 +346,7 @@ class Storage(abc.ABC):
     def _commit_marks(self, marks: tuple[WindowMark, ...], appends: Mapping[str, pa.Table],
                       meta: Mapping[str, str] | None = None, extra: Mapping[str, pa.Table] | None = None,
                       statements: tuple[str, ...] = ()) -> None:
+        """The transaction of commit_window and commit_windows (appends with window_id)."""
         if self._open_window is None:
             self._begin()
         assert self._open_window in (None, marks[0].window_id), "a window's pieces commit with that window"
