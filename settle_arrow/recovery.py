@@ -4,7 +4,7 @@ Data model: storage tables -> EngineState (see state.py), in two threads over tw
 on the TARGET (holdings apart from the rest): seen keys, accepted N trades and
 cancellations from the frozen runs the TARGET kept (Storage.state_runs, mapped, not
 read) plus trade_facts of the windows after them and quarantine (integer ids mapped back
-to reference rows through dims.DimIds), holdings from holdings_snapshot plus holdings_legs
+to reference rows through dims.DimIds), holdings from holdings_base plus holdings_legs
 (integer ids only), reported exceptions from exceptions. So the restart reads the history
 since the sets' last frozen runs, not all of it.
 
@@ -206,15 +206,16 @@ def _history(storage: Storage, n_sec: int, ids_in_order: bool, account_of: Calla
 
 
 def _holdings(storage: Storage, n_sec: int, account_of: Callable, sec_of: Callable) -> SortedRuns:
-    """EngineState.holdings: the snapshot (stored in key order, unique keys) as one run, then
-    the legs since it as deltas; zero positions may stay (a missing key reads as zero)."""
+    """EngineState.holdings: the base (the snapshot, or the opening before the first; stored
+    in key order, unique keys) as one run, then the legs since it as deltas; zero positions
+    may stay (a missing key reads as zero)."""
     state = EngineState(n_sec=n_sec)
-    for i, part in enumerate(("holdings_snapshot", "holdings_legs")):
-        # Key order: the snapshot is stored so and a plain scan returns it so (an ORDER BY
+    for i, part in enumerate(("holdings_base", "holdings_legs")):
+        # Key order: the base is stored so and a plain scan returns it so (an ORDER BY
         # would sort ten million rows again: 0.43 s against 0.10 s, measured); the legs are
         # sorted by the database. With dimension ids equal to reference order both arrive as
         # sorted runs, and SortedRuns sorts whatever does not.
-        order = "" if part == "holdings_snapshot" else " ORDER BY acct_id, sec_id"
+        order = "" if part == "holdings_base" else " ORDER BY acct_id, sec_id"
         h = _frame(storage.query(f"SELECT acct_id, sec_id, quantity FROM {part}{order}"))
         acct = account_of(h["acct_id"].to_numpy())
         sec = sec_of(h["sec_id"].to_numpy())

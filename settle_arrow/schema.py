@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4  # 4: holdings_base (the opening is no snapshot copy)
 
 PRICE = pa.decimal128(12, 3)
 MONEY = pa.decimal128(18, 2)

@@ -10,13 +10,14 @@ SELECT market, trade_date, SUM(net_amount) AS net,
 FROM obligations_cash GROUP BY market, trade_date
 HAVING SUM(net_amount) <> -SUM(stamp_duty + handling_fee + management_fee + transfer_fee);
 -- name: holdings_conserved
--- Holdings are the snapshot plus both legs of each trade since it (views.sql). The two
--- legs of a trade carry the same security and opposite quantities, so per security they
--- sum to zero by construction: what can break conservation is the snapshot, checked here
--- against the opening positions without scanning the trades.
+-- Holdings are the base (the snapshot, or the opening before the first) plus both legs of
+-- each trade since it (views.sql). The two legs of a trade carry the same security and
+-- opposite quantities, so per security they sum to zero by construction: what can break
+-- conservation is the snapshot, checked here against the opening positions without
+-- scanning the trades.
 SELECT sec_id, SUM(quantity) AS now, SUM(opening) AS opening
 FROM (
-  SELECT sec_id, quantity, 0 AS opening FROM holdings_snapshot
+  SELECT sec_id, quantity, 0 AS opening FROM holdings_base
   UNION ALL
   SELECT sec_id, 0 AS quantity, quantity AS opening FROM opening_holdings
 ) t GROUP BY sec_id

@@ -26,13 +26,15 @@ HAVING SUM(net_amount) <> 0 OR SUM(buy_amount) <> 0 OR SUM(sell_amount) <> 0
     OR SUM(stamp_duty) <> 0 OR SUM(handling_fee) <> 0 OR SUM(management_fee) <> 0
     OR SUM(transfer_fee) <> 0;
 
--- Holdings by dimension ids: the last snapshot plus both legs of every trade committed
--- after it (holdings_legs). The engine rewrites the snapshot, in key order, when the
--- trades since it outgrow it (no per-window writes); recovery reads the snapshot and the
--- legs apart: neither touches strings. :holdings_snapshot_window stands for the snapshot's
--- window (meta): a subquery of meta, or on DuckDB a constant remade in the transaction that
--- moves it (storage/base.py), since DuckDB's Parquet scan skips older windows only for a
--- constant (20 M trades of segments: 0.63 s for no row through the subquery, measured).
+-- Holdings by dimension ids: the base (the last snapshot; before the first, the opening
+-- holdings themselves) plus both legs of every trade committed after it (holdings_legs).
+-- The engine rewrites the snapshot, in key order, when the trades since it outgrow it (no
+-- per-window writes); recovery reads the base and the legs apart: neither touches strings.
+-- :holdings_snapshot_window stands for the snapshot's window (meta; -1 before the first): a
+-- subquery of meta, or on DuckDB a constant remade in the transaction that moves it
+-- (storage/base.py), since DuckDB's Parquet scan skips older windows only for a constant
+-- (20 M trades of segments: 0.63 s for no row through the subquery, measured). The opening
+-- is no snapshot's copy: a first start stores its ten million rows once, not twice.
 CREATE OR REPLACE VIEW holdings_legs AS
 SELECT acct_id, sec_id, CAST(SUM(quantity) AS BIGINT) AS quantity
 FROM (
@@ -46,10 +48,15 @@ FROM (
 ) l
 GROUP BY acct_id, sec_id;
 
+CREATE OR REPLACE VIEW holdings_base AS
+SELECT acct_id, sec_id, quantity FROM holdings_snapshot
+UNION ALL
+SELECT acct_id, sec_id, quantity FROM opening_holdings WHERE :holdings_snapshot_window < 0;
+
 CREATE OR REPLACE VIEW holdings_ids AS
 SELECT acct_id, sec_id, CAST(SUM(quantity) AS BIGINT) AS quantity
 FROM (
-  SELECT acct_id, sec_id, quantity FROM holdings_snapshot
+  SELECT acct_id, sec_id, quantity FROM holdings_base
   UNION ALL
   SELECT acct_id, sec_id, quantity FROM holdings_legs
 ) h

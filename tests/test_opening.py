@@ -383,8 +383,8 @@ def test_restart_refused_when_a_held_key_left_the_reference_data(started, droppe
 
 @pytest.mark.parametrize("file_order", ["by security", "by account"])
 def test_opening_snapshot_in_key_order(tmp_path, new_target, file_order):
-    """Whatever the file's row order, the first holdings snapshot is stored in key order, so
-    a restart reads it as one sorted run."""
+    """Whatever the file's row order, the opening holdings (the base until the first
+    snapshot) are stored in key order, so a restart reads them as one sorted run."""
     rows = [("A3", "XSHG", "600000", 1), ("A1", "XSHG", "600001", 2), ("A2", "XSHG", "600000", 3),
             ("A1", "XSHG", "600000", 4)]
     rows.sort(key=(lambda r: (r[2], r[0])) if file_order == "by security" else (lambda r: (r[0], r[2])))
@@ -395,7 +395,7 @@ def test_opening_snapshot_in_key_order(tmp_path, new_target, file_order):
 
     storage = open_storage(target, read_only=True)
     try:
-        snap = storage.query("SELECT acct_id, sec_id FROM holdings_snapshot").to_pylist()
+        snap = storage.query("SELECT acct_id, sec_id FROM holdings_base").to_pylist()
     finally:
         storage.close()
     keys = [(r["acct_id"], r["sec_id"]) for r in snap]
@@ -403,7 +403,8 @@ def test_opening_snapshot_in_key_order(tmp_path, new_target, file_order):
 
 
 def test_init_opening_sorts_an_unsorted_opening(new_target):
-    """The storage stores the first snapshot in key order also when handed rows out of it."""
+    """The storage stores the opening in key order also when handed rows out of it, as the
+    holdings base with no snapshot of its own."""
     from settle_arrow.storage import open_storage
 
     storage = open_storage(new_target())
@@ -412,10 +413,13 @@ def test_init_opening_sorts_an_unsorted_opening(new_target):
         opening = pa.table({"acct_id": [2, 1, 2, 1], "sec_id": [1, 9, 0, 3], "quantity": [5, 6, 7, 8]},
                            schema=schema.HOLDINGS_IDS)
         storage.init_opening(opening, "d" * 64, "f" * 64)
-        snap = storage.query("SELECT acct_id, sec_id, quantity FROM holdings_snapshot").to_pylist()
+        base = storage.query("SELECT acct_id, sec_id, quantity FROM holdings_base").to_pylist()
+        stored = storage.query("SELECT acct_id, sec_id, quantity FROM opening_holdings").to_pylist()
+        snapshots = storage.count("holdings_snapshot")
     finally:
         storage.close()
-    assert [tuple(r.values()) for r in snap] == [(1, 3, 8), (1, 9, 6), (2, 0, 7), (2, 1, 5)]
+    assert [tuple(r.values()) for r in base] == [(1, 3, 8), (1, 9, 6), (2, 0, 7), (2, 1, 5)]
+    assert stored == base and snapshots == 0
 
 
 def test_fresh_start_state_equals_the_recovered_state(tmp_path, new_target):

@@ -295,6 +295,9 @@ def test_whole_table_checks_name_each_broken_invariant(market, new_target):
     db = new_target()
     replay([str(market / "trades")], str(market / "refdata"), db, window_rows=WINDOW)
     storage = open_storage(db)
+    # A snapshot to tamper with: before the first, the opening is the base and conserved
+    # by construction.
+    storage.snapshot_holdings(storage.max_window_id())
     first = "(SELECT MIN(window_id) FROM {})"
     tamper = [
         ("holdings_conserved",
