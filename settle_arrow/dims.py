@@ -23,7 +23,7 @@ import pyarrow as pa
 from settle_arrow import money, schema
 from settle_arrow.refdata import RefData
 from settle_arrow.state import argsort_keys, sort_keys
-from settle_arrow.storage.base import Storage
+from settle_arrow.storage.base import Storage, ids_in_key_order
 
 FEE_COLS = [f"{side}_{col}" for side in ("buy", "sell") for col in schema.FEE_COLUMNS.values()]
 
@@ -117,20 +117,19 @@ def opening_ids(ref: RefData, dims: DimIds) -> pl.DataFrame:
 
 def opening_fingerprint(ids: pl.DataFrame) -> str:
     """Fingerprint of opening holdings in storage encoding (opening_ids): sha256 of the rows
-    in (acct_id, sec_id) order. Dimension ids never change meaning, so equal fingerprints are
-    equal holdings whatever the order of the files' rows or of the reference data's; the
-    rows come in that order when the ids follow reference order (the common case), else
-    they are sorted first. Hashing 10 M rows costs ~0.1 s, where sorting hashes of the
-    file's string rows cost ~0.9 s beside the load (measured)."""
-    key = ids["acct_id"].to_numpy().astype(np.int64) << 32
-    key |= ids["sec_id"].to_numpy().astype(np.int64)
-    quantity = ids["quantity"].to_numpy()
-    if len(key) > 1 and not bool((key[1:] > key[:-1]).all()):
-        order = argsort_keys(key)
-        key, quantity = key[order], quantity[order]
-    h = hashlib.sha256(f"opening-ids-v1:{len(key)}:".encode())
-    h.update(np.ascontiguousarray(key, dtype="<i8").data)
-    h.update(np.ascontiguousarray(quantity, dtype="<i8").data)
+    in (acct_id, sec_id) order, column by column. Dimension ids never change meaning, so
+    equal fingerprints are equal holdings whatever the order of the files' rows or of the
+    reference data's; the rows come in that order when the ids follow reference order (the
+    common case), else they are sorted first. The columns are hashed as they are, without
+    an int64 key built beside them (10 M rows: 0.13-0.21 -> 0.11-0.12 s, measured); hashing the
+    file's string rows and sorting their hashes cost ~0.9 s beside the load."""
+    acct, sec, quantity = (ids[c].to_numpy() for c in ("acct_id", "sec_id", "quantity"))
+    if not ids_in_key_order(acct, sec):
+        order = argsort_keys((acct.astype(np.int64) << 32) | sec.astype(np.int64))
+        acct, sec, quantity = acct[order], sec[order], quantity[order]
+    h = hashlib.sha256(f"opening-ids-v2:{len(acct)}:".encode())
+    for column, dtype in ((acct, "<i4"), (sec, "<i4"), (quantity, "<i8")):
+        h.update(np.ascontiguousarray(column, dtype=dtype).data)
     return h.hexdigest()
 
 

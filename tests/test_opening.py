@@ -450,3 +450,33 @@ def test_fresh_start_state_equals_the_recovered_state(tmp_path, new_target):
         assert engine.state.odd_seen.equals(rebuilt.odd_seen)
     finally:
         storage.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.dictionaries(st.tuples(st.integers(0, 40), st.integers(0, 9)), st.integers(1, 10**12), max_size=30),
+       seed=st.randoms(use_true_random=False))
+def test_opening_fingerprint_is_the_rows_not_their_order(rows, seed):
+    """The fingerprint hashes the rows in key order, so any row order gives the same one,
+    and the key-order check agrees with sorting; another quantity gives another one."""
+    import numpy as np
+    import polars as pl
+
+    from settle_arrow.dims import opening_fingerprint
+    from settle_arrow.storage.base import ids_in_key_order
+
+    def frame(items: list) -> pl.DataFrame:
+        return pl.DataFrame({"acct_id": [a for (a, _), _ in items], "sec_id": [s for (_, s), _ in items],
+                             "quantity": [q for _, q in items]},
+                            schema={"acct_id": pl.Int32, "sec_id": pl.Int32, "quantity": pl.Int64})
+
+    ordered = sorted(rows.items())
+    shuffled = list(ordered)
+    seed.shuffle(shuffled)
+    a, b = frame(ordered), frame(shuffled)
+    assert opening_fingerprint(a) == opening_fingerprint(b)
+    keys = [k for k, _ in shuffled]
+    assert ids_in_key_order(b["acct_id"].to_numpy(), b["sec_id"].to_numpy()) == (keys == sorted(keys))
+    assert ids_in_key_order(np.array([3, 3], np.int32), np.array([2, 1], np.int32)) is False
+    if ordered:
+        changed = [(ordered[0][0], ordered[0][1] + 1), *ordered[1:]]
+        assert opening_fingerprint(frame(changed)) != opening_fingerprint(a)

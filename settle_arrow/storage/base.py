@@ -95,13 +95,12 @@ def conform(table: pa.Table, target: pa.Schema) -> pa.Table:
     return table if table.schema.equals(target) else table.cast(target, safe=True)
 
 
-def _in_key_order(holdings: pa.Table) -> bool:
-    """Whether holdings rows (schema.HOLDINGS_IDS) come sorted by (acct_id, sec_id)."""
+def ids_in_key_order(acct_id: np.ndarray, sec_id: np.ndarray) -> bool:
+    """Whether holdings rows of these dimension ids come sorted by (acct_id, sec_id)."""
     # Neighbour differences of each int32 column, not one int64 key: no 80 MB temporaries
     # to fault in (10 M rows: 0.06-0.09 against 0.26-0.48 s, measured). Dimension ids are
     # non-negative, so their differences fit int32.
-    acct_step = np.diff(holdings["acct_id"].to_numpy())
-    sec_step = np.diff(holdings["sec_id"].to_numpy())
+    acct_step, sec_step = np.diff(acct_id), np.diff(sec_id)
     return bool(((acct_step > 0) | ((acct_step == 0) & (sec_step >= 0))).all())
 
 
@@ -452,7 +451,7 @@ class Storage(abc.ABC):
         0. No snapshot: until the first, the holdings views and recovery read the opening as
         the base (views.sql), so its rows are written once (10 M rows: 0.45 s for the
         snapshot's copy saved, measured)."""
-        if not _in_key_order(opening):
+        if not ids_in_key_order(opening["acct_id"].to_numpy(), opening["sec_id"].to_numpy()):
             # Recovery then reads the base as one sorted run, as it reads a snapshot.
             opening = opening.take(pc.sort_indices(opening, [("acct_id", "ascending"), ("sec_id", "ascending")]))
         self.commit_window(
