@@ -382,7 +382,7 @@ def test_restart_refused_when_a_held_key_left_the_reference_data(started, droppe
 
 
 @pytest.mark.parametrize("file_order", ["by security", "by account"])
-def test_opening_snapshot_in_key_order(tmp_path, new_target, file_order):
+def test_opening_stored_in_key_order(tmp_path, new_target, file_order):
     """Whatever the file's row order, the opening holdings (the base until the first
     snapshot) are stored in key order, so a restart reads them as one sorted run."""
     rows = [("A3", "XSHG", "600000", 1), ("A1", "XSHG", "600001", 2), ("A2", "XSHG", "600000", 3),
