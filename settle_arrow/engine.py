@@ -305,7 +305,7 @@ class Engine:
             state = EngineState(n_sec=ref.n_sec, run_dir=self.storage.state_dir if in_reference_order(self.dims) else None)
             o = ref.opening
             state.holdings.insert(state.holding_keys(o["acct_idx"].to_numpy(), o["sec_idx"].to_numpy()),
-                                  {"quantity": o["quantity"].to_numpy()})
+                                  o["quantity"].to_numpy())
             return state
         elif meta.get("opening_file_sha256") == ref.opening_file_sha256:
             return None  # the very file the TARGET was started with: nothing to load or compare

@@ -6,7 +6,8 @@ Data model: pure functions of numpy arrays, no state; each writes its answer int
 run meanwhile) and is compiled once per argument types, cached on disk beside this file.
 
 Invariants: every kernel equals a plain numpy expression, named in its docstring, on all
-inputs it accepts (tests/test_kernels.py checks each against it).
+inputs it accepts (tests/test_kernels.py checks each against it), or for the hash table's
+(table_find, table_insert) a dict (tests/test_holdings.py).
 """
 
 from __future__ import annotations
@@ -75,78 +76,6 @@ def find_in_run(run: np.ndarray, probe: np.ndarray, lo: int, hi: int, r: int, ru
 
 
 @numba.njit(cache=True, nogil=True)
-def _bucket_of(key, base, shift):  # noqa: ANN001, ANN202
-    # Unsigned arithmetic: key - base is the key's offset whatever the keys' sign (key >= base).
-    return np.int64((np.uint64(key) - np.uint64(base)) >> np.uint64(shift))
-
-
-@numba.njit(cache=True, nogil=True)
-def _bucket_table(run, shift, table):  # noqa: ANN001, ANN202
-    b = 0
-    for i in range(run.shape[0]):
-        k = _bucket_of(run[i], run[0], shift)
-        while b <= k:
-            table[b] = i
-            b += 1
-    while b < table.shape[0]:
-        table[b] = run.shape[0]
-        b += 1
-
-
-def bucket_table(run: np.ndarray, keys_per_bucket: int) -> tuple[np.ndarray, int]:
-    """(table, shift) such that the keys of bucket b, (key - run[0]) >> shift, sit at
-    run[table[b]:table[b + 1]], with shift the smallest that leaves at most
-    max(1, len(run) // keys_per_bucket) buckets (two where the keys span 2^64 - 1): as
-    numpy, table = np.searchsorted((run - run[0]) >> shift, np.arange(buckets + 1)). Run
-    sorted, non-empty; table int32 where positions fit."""
-    shift = bucket_shift(run, keys_per_bucket)
-    span = int(run[-1]) - int(run[0])  # Python ints: no wrap for any int64 or uint64 keys
-    table = np.empty((span >> shift) + 2, dtype=np.int32 if len(run) < 1 << 31 else np.int64)
-    _bucket_table(run, shift, table)
-    return table, shift
-
-
-def bucket_shift(run: np.ndarray, keys_per_bucket: int) -> int:
-    """The shift bucket_table(run, keys_per_bucket) buckets `run`'s keys by."""
-    assert len(run) and keys_per_bucket > 0
-    span = int(run[-1]) - int(run[0])
-    # At most 63: a uint64 shift by 64 is undefined (x86 shifts by 0), and 63 leaves two buckets.
-    return min(63, (span // max(1, len(run) // keys_per_bucket)).bit_length())
-
-
-@numba.njit(cache=True, nogil=True)
-def _find_in_buckets(run, table, shift, probe, lo, hi, r, run_of, pos_of):  # noqa: ANN001, ANN202
-    # One read of the table, then a bisection inside the key's bucket: two cache misses a
-    # probe, independent of the previous probe's, where galloping chains its reads.
-    n = run.shape[0]
-    for i in range(lo, hi):
-        p = probe[i]
-        if i > lo and p < probe[i - 1]:
-            raise ValueError("probes must be sorted ascending")
-        if run_of[i] >= 0 or p < run[0] or p > run[n - 1]:
-            continue
-        b = _bucket_of(p, run[0], shift)
-        pos = _lower_bound_in(run, p, np.int64(table[b]), np.int64(table[b + 1]))
-        if pos < n and run[pos] == p:
-            run_of[i] = r
-            pos_of[i] = pos
-
-
-def find_in_buckets(run: np.ndarray, table: np.ndarray, shift: int, probe: np.ndarray, lo: int, hi: int, r: int,
-                    run_of: np.ndarray, pos_of: np.ndarray) -> None:
-    """find_in_run's answer (same arguments and numpy definition) through `run`'s
-    bucket_table: for runs whose keys spread evenly enough that no bucket is large
-    (measured, 10 M holding keys, two a bucket: 200 k sorted probes 13.4 -> 10.5 ms
-    against galloping, 20 k probes 3.5 -> 0.9 ms against the sampled search)."""
-    assert run.dtype == probe.dtype, "keys and probes must share a dtype (mixed signs compare wrongly)"
-    assert 0 <= lo <= hi <= len(probe) and len(run_of) == len(pos_of) == len(probe)
-    assert run_of.dtype == pos_of.dtype == np.int64
-    assert len(run) and len(table) == ((int(run[-1]) - int(run[0])) >> shift) + 2, "table must be run's bucket_table"
-    if lo < hi:
-        _find_in_buckets(run, table, shift, probe, lo, hi, r, run_of, pos_of)
-
-
-@numba.njit(cache=True, nogil=True)
 def _fees_fen(amount, regime, rates, out):  # noqa: ANN001, ANN202
     for i in range(amount.shape[0]):
         high = amount[i] // RATE_SCALE
@@ -207,6 +136,103 @@ def probe_slots(slots: np.ndarray, hashes: np.ndarray, mask: np.uint64) -> np.nd
     if len(hashes) and len(slots):
         _probe_slots(slots, hashes, np.uint64(mask), out)
     return out
+
+
+# Fibonacci hashing: the key times 2^64 / golden ratio spreads consecutive keys (one
+# account's securities) over the whole table; its top 32 bits, scaled to the capacity by a
+# multiply and a shift, pick the home slot of any capacity below 2^32 (no power of two, so
+# the table grows by the size it needs, not by doubling).
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+@numba.njit(cache=True, nogil=True)
+def _home(key, capacity):  # noqa: ANN001, ANN202
+    h = (np.uint64(key) * _GOLDEN) >> np.uint64(32)
+    return np.int64((h * np.uint64(capacity)) >> np.uint64(32))
+
+
+# table_find reads the home slots of this many probes before it resolves any: loads with
+# no branch between them overlap in memory, where a probe whose branches wait on its slot
+# stalls the next (measured, 200,000 probes of a 10 M-key table: 26-30 -> 15-16 ms).
+_PROBE_GROUP = 16
+
+
+@numba.njit(cache=True, nogil=True)
+def _table_find(slot_keys, slot_values, empty, keys, slot_out, value_out):  # noqa: ANN001, ANN202
+    cap = slot_keys.shape[0]
+    n = keys.shape[0]
+    home = np.empty(_PROBE_GROUP, dtype=np.int64)
+    first = np.empty(_PROBE_GROUP, dtype=np.int64)
+    touched = slot_values[0]
+    for g in range(0, n, _PROBE_GROUP):
+        m = min(n - g, _PROBE_GROUP)
+        for j in range(m):
+            s = _home(keys[g + j], cap)
+            home[j] = s
+            first[j] = np.int64(slot_keys[s])
+            touched += slot_values[s]  # its line too (a hit reads it), kept so no compiler drops the load
+        for j in range(m):
+            i = g + j
+            k, s, t = keys[i], home[j], first[j]
+            while t != k and t != empty:
+                s += 1
+                if s == cap:
+                    s = 0
+                t = np.int64(slot_keys[s])
+            if t == k:
+                slot_out[i] = s
+                value_out[i] = slot_values[s]
+            else:
+                slot_out[i] = -1 - s
+                value_out[i] = 0
+    return touched
+
+
+def table_find(slot_keys: np.ndarray, slot_values: np.ndarray, empty: int, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(slot, value) of each key in a linear-probing table (keys at or after their home
+    slot, _home, with no empty slot between; `empty` marks a free slot): slot >= 0 where
+    found, else -1 - the free slot its probe ended on (where an insert of it may start);
+    value 0 where absent. As Python: a dict lookup, d.get(key, 0). Keys in [0, empty) for
+    unsigned slot keys, >= 0 for signed ones (empty = -1); the table has a free slot."""
+    assert keys.dtype == np.int64 and len(slot_keys) == len(slot_values) and 0 < len(slot_keys) < 1 << 32
+    slot_out = np.empty(len(keys), dtype=np.int64)
+    value_out = np.empty(len(keys), dtype=slot_values.dtype)
+    if len(keys):
+        _table_find(slot_keys, slot_values, empty, keys, slot_out, value_out)
+    return slot_out, value_out
+
+
+@numba.njit(cache=True, nogil=True)
+def _table_insert(slot_keys, slot_values, empty, keys, values, start):  # noqa: ANN001, ANN202
+    cap = slot_keys.shape[0]
+    for i in range(keys.shape[0]):
+        k = keys[i]
+        s = start[i] if start[i] >= 0 else _home(k, cap)
+        while True:
+            t = np.int64(slot_keys[s])
+            if t == empty:
+                slot_keys[s] = k
+                slot_values[s] = values[i]
+                break
+            if t == k:
+                raise ValueError("key already in the table")
+            s += 1
+            if s == cap:
+                s = 0
+
+
+def table_insert(slot_keys: np.ndarray, slot_values: np.ndarray, empty: int, keys: np.ndarray, values: np.ndarray,
+                 start: np.ndarray) -> None:
+    """Put absent, distinct `keys` with their `values` into the table table_find reads
+    (as Python: d[key] = value for keys not in d; ValueError for a key present). Each
+    probe starts at start[i] where >= 0 (a free slot table_find ended on for that key: the
+    slots from its home to there hold other keys, as they still do), else at its home.
+    Keys int64, or uint32 as a narrow table holds them (a rehash moves them so).
+    The caller leaves room: at least one slot stays free."""
+    assert keys.dtype in (np.int64, np.uint32) and len(keys) == len(values) == len(start) and start.dtype == np.int64
+    assert len(slot_keys) == len(slot_values) and 0 < len(slot_keys) < 1 << 32
+    if len(keys):
+        _table_insert(slot_keys, slot_values, empty, keys, values, start)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -305,22 +331,6 @@ def gather_found(column: np.ndarray, run_of: np.ndarray, pos_of: np.ndarray, r: 
     _gather_found(column, run_of, pos_of, r, out)
 
 
-@numba.njit(cache=True, nogil=True)
-def _add_found(column, run_of, pos_of, r, delta):  # noqa: ANN001, ANN202
-    for i in range(run_of.shape[0]):
-        if run_of[i] == r:
-            column[_in_column(pos_of[i], column.shape[0])] += delta[i]
-
-
-def add_found(column: np.ndarray, run_of: np.ndarray, pos_of: np.ndarray, r: int, delta: np.ndarray) -> None:
-    """column[pos_of[i]] += delta[i] where run_of[i] == r, positions distinct: as numpy,
-    sel = run_of == r; column[pos_of[sel]] += delta[sel] (200,000 positions of a 10 M-row
-    run: 7.1 -> 1.7 ms, measured). IndexError for a selected position outside the column."""
-    assert len(run_of) == len(pos_of) == len(delta) and column.dtype == delta.dtype
-    assert run_of.dtype == pos_of.dtype == np.int64
-    _add_found(column, run_of, pos_of, r, delta)
-
-
 def _flagged(a: np.ndarray, writable: bool) -> np.ndarray:
     a.flags.writeable = writable
     return a
@@ -340,15 +350,21 @@ def warm() -> None:
                 for sample, stride in ((None, 1), (run[::2].copy(), 2)):
                     find_in_run(run, probe, 0, 2, 0, np.full(2, -1, dtype=np.int64), np.zeros(2, dtype=np.int64),
                                 sample, stride)
-                find_in_buckets(run, *bucket_table(run, 1), probe, 0, 2, 0, np.full(2, -1, dtype=np.int64),
-                                np.zeros(2, dtype=np.int64))
     fees_fen(zeros, zeros, np.zeros((1, 1, 1), dtype=np.int64))
     probe_slots(np.zeros((2, 2), dtype=np.uint64), np.ones(1, dtype=np.uint64), np.uint64(1))
     for dtype in (np.int32, np.int64):  # payload columns (state.ACCEPTED_PAYLOAD, holdings)
         for writable in (True, False):  # spilled runs are mapped read-only
             gather_found(_flagged(np.zeros(1, dtype=dtype), writable), zeros, zeros, 0, np.zeros(1, dtype=dtype))
-    add_found(np.zeros(1, dtype=np.int64), zeros, zeros, 0, zeros)
     for writable in (True, False):  # quantities and amounts straight from Polars are read-only
         values = _flagged(np.zeros(1, dtype=np.int64), writable)
         net_quantities(zeros, zeros, values, 1)
         net_cash(zeros, zeros, values, *(np.zeros((1, 1), dtype=np.int64),) * 2, 1)
+    for key_type, empty in ((np.uint32, (1 << 32) - 1), (np.int64, -1)):  # holdings.HoldingsTable narrow, wide
+        for keys_writable in (True, False):  # probes, and opening quantities, may come from Polars read-only
+            keys = _flagged(np.zeros(1, dtype=np.int64), keys_writable)
+            table_find(np.full(4, empty, dtype=key_type), np.zeros(4, dtype=np.int64), empty, keys)
+            for values_writable in (True, False):
+                values = _flagged(np.zeros(1, dtype=np.int64), values_writable)
+                for k in (keys, np.zeros(1, dtype=np.uint32)):  # uint32: a rehash's keys, as a narrow table held them
+                    table_insert(np.full(4, empty, dtype=key_type), np.zeros(4, dtype=np.int64), empty, k, values,
+                                 np.full(1, -1, dtype=np.int64))

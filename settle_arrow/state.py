@@ -1,4 +1,5 @@
-"""Keyed in-memory state kept between windows: sorted runs of integer keys (a small LSM).
+"""Keyed in-memory state kept between windows: sorted runs of integer keys (a small LSM)
+for the trade keys, a hash table for the holdings (holdings.py).
 
 Data model:
   SortedRuns   key (int64/uint64) -> optional payload columns (numpy arrays), keys unique
@@ -13,7 +14,7 @@ Data model:
                  odd_seen   the same for keys that do not pack into 64 bits (rare, exact)
                  accepted   key of each accepted N trade -> its matching fields
                  cancelled  keys of N trades an accepted X row already reversed
-                 holdings   (acct_idx * n_sec + sec_idx) -> quantity
+                 holdings   (acct_idx * n_sec + sec_idx) -> quantity (holdings.HoldingsTable)
                  reported   NEGATIVE_HOLDING keys already raised
 
 Invariants: state changes only through the windows' effects, applied in window order once
@@ -37,28 +38,21 @@ import numpy as np
 import polars as pl
 
 from settle_arrow import schema
+from settle_arrow.holdings import HoldingsTable
 
 DAY0 = (datetime.date(1990, 1, 1) - datetime.date(1970, 1, 1)).days
 TRADE_ID_BITS = 46
 DAY_BITS = 16
 MARKET_CODES = schema.MARKET_CODES
 assert len(MARKET_CODES) <= 1 << (64 - DAY_BITS - TRADE_ID_BITS), "market codes must fit their bits"
-# A run of at least BUCKETED_RUN_ROWS_MIN keys that a find meets again unchanged (it
-# outlives a window, so building an index pays) gets a bucket table (kernels.bucket_table,
-# KEYS_PER_BUCKET to twice that many keys a bucket on average): a probe then reads the
-# table and bisects one bucket, two cache misses whatever the probes' density (measured,
-# 10 M holding keys: 200 k sorted probes 13.4 -> 10.5 ms, 20 k probes 3.5 -> 0.9 ms; the
-# table costs at most 4 bytes per two keys). Keys that crowd into a few buckets (trade
-# keys are day-major: a day's keys are one narrow band of a wide range) leave a bucket
-# over BUCKET_KEYS_MAX: such a run is searched as before, through a sample of every
-# SAMPLE_STRIDE-th key (kernels.find_in_run) when it holds SAMPLED_RUN_PROBE_RATIO keys
-# per probe (sparse probes then search the sample, which stays in cache between windows,
-# and miss cache only inside their block), else by galloping through the run itself
-# (measured, 10 M keys: 200 k probes 11.6 ms plain against 15.6 sampled; 20 k probes 6.4
-# against 2.6). The sample costs 1/SAMPLE_STRIDE of the keys' memory.
-BUCKETED_RUN_ROWS_MIN = 1 << 16
-KEYS_PER_BUCKET = 2
-BUCKET_KEYS_MAX = 128
+# A large run (SAMPLED_RUN_ROWS_MIN keys or more) holding SAMPLED_RUN_PROBE_RATIO keys per
+# probe is searched through a sample of every SAMPLE_STRIDE-th key (kernels.find_in_run):
+# sparse probes then search the sample, which stays in cache between windows, and miss
+# cache only inside their block; denser probes gallop through the run itself (measured,
+# 10 M keys: 200 k probes 11.6 ms plain against 15.6 sampled; 20 k probes 6.4 against
+# 2.6). The sample costs 1/SAMPLE_STRIDE of the keys' memory. (Bucket tables, an index
+# for evenly spread keys, went with the holdings' runs: trade keys are day-major, a day's
+# keys one narrow band of a wide range, and crowd any bucketing of it.)
 SAMPLED_RUN_ROWS_MIN = 1 << 16
 SAMPLED_RUN_PROBE_RATIO = 128
 SAMPLE_STRIDE = 32
@@ -199,8 +193,6 @@ class SortedRuns:
         self._resident: set[int] = set()
         # Run index -> the search indexes built for that run's keys (see _search).
         self._indexes: dict[int, _RunIndex] = {}
-        # Bumped on every change: positions found at one version stay valid until the next.
-        self.version = 0
 
     def __len__(self) -> int:
         return sum(len(k) for k, _ in self.runs)
@@ -248,26 +240,29 @@ class SortedRuns:
 
     def _search(self, r: int, run_keys: np.ndarray, probe: np.ndarray, lo: int, hi: int, run_of: np.ndarray,
                 pos_of: np.ndarray) -> None:
-        """find_in_run over run r through the cheapest index it has or earns (see
-        BUCKETED_RUN_ROWS_MIN)."""
+        """find_in_run over run r, through its sample where that is cheaper (see
+        SAMPLED_RUN_ROWS_MIN)."""
         # Imported here, not with this module: numba and the compiled code load in a
         # background thread at start-up (kernel_loader.load_in_background), off the restart's path.
-        from settle_arrow.kernels import find_in_buckets, find_in_run
+        from settle_arrow.kernels import find_in_run
 
         index = self._indexes.get(r)
         if index is None or index.keys is not run_keys:
             index = self._indexes[r] = _RunIndex(run_keys)
-        elif not index.bucketing_tried and len(run_keys) >= BUCKETED_RUN_ROWS_MIN:
-            index.bucketing_tried = True
-            index.buckets = _bucketed(run_keys)
-        if index.buckets is not None:
-            find_in_buckets(run_keys, *index.buckets, probe, lo, hi, r, run_of, pos_of)
-        elif len(run_keys) >= max(SAMPLED_RUN_ROWS_MIN, SAMPLED_RUN_PROBE_RATIO * (hi - lo)):
+        if len(run_keys) >= max(SAMPLED_RUN_ROWS_MIN, SAMPLED_RUN_PROBE_RATIO * (hi - lo)):
             if index.sample is None:
                 index.sample = run_keys[::SAMPLE_STRIDE].copy()
             find_in_run(run_keys, probe, lo, hi, r, run_of, pos_of, index.sample, SAMPLE_STRIDE)
         else:
             find_in_run(run_keys, probe, lo, hi, r, run_of, pos_of)
+
+    def items(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(every key, in key order; payload column -> its values in that order): a copy, for checks."""
+        if not self.runs:
+            return np.empty(0, dtype=self.dtype), {c: np.empty(0, dtype=t) for c, t in self.payload_types.items()}
+        keys = np.concatenate([k for k, _ in self.runs])
+        order = np.argsort(keys, kind="stable")
+        return keys[order], {c: np.concatenate([v[c] for _, v in self.runs])[order] for c in self.payload_types}
 
     def contains(self, keys: np.ndarray) -> np.ndarray:
         return self.find(keys)[0] >= 0
@@ -281,15 +276,6 @@ class SortedRuns:
             gather_found(cols[column], run_of, pos_of, r, out)
         return out
 
-    def add_at(self, column: str, run_of: np.ndarray, pos_of: np.ndarray, delta: np.ndarray) -> None:
-        """payload[column] += delta at found positions (keys unique, so no collisions)."""
-        assert self.spill_dir is None, "spilled runs are read-only"
-        from settle_arrow.kernels import add_found
-
-        self.version += 1
-        for r, (_, cols) in enumerate(self.runs):
-            add_found(cols[column], run_of, pos_of, r, delta)
-
     def insert(self, keys: np.ndarray, payload: dict[str, np.ndarray] | None = None) -> None:
         """Add keys that are not present yet (caller guarantees uniqueness)."""
         keys = np.asarray(keys, dtype=self.dtype)
@@ -297,7 +283,6 @@ class SortedRuns:
             return
         payload = payload or {}
         assert set(payload) == set(self.payload_types), "payload columns must match"
-        self.version += 1
         if bool((keys[1:] > keys[:-1]).all()):  # already sorted (recovery reads in key order): no sort
             # Copies: payload columns are updated in place later; inputs may be read-only views.
             run = (keys.copy(), {c: np.array(v, dtype=self.payload_types[c]) for c, v in payload.items()})
@@ -344,27 +329,10 @@ class SortedRuns:
         keys = arrays.pop(KEY_COLUMN)
         if not len(keys) or any(len(v) != len(keys) for v in arrays.values()) or not bool((keys[1:] > keys[:-1]).all()):
             raise ValueError(f"{names[KEY_COLUMN]}: not a run of sorted unique keys with its columns")
-        self.version += 1
         self.runs.append((keys, arrays))
         self._maps[self.n_frozen] = maps
         self.kept.append(names)
         self.n_frozen += 1
-
-
-def _bucketed(keys: np.ndarray) -> tuple[np.ndarray, int] | None:
-    """kernels.bucket_table of sorted `keys`, or None where a bucket would hold more than
-    BUCKET_KEYS_MAX of them. Every BUCKET_KEYS_MAX-th key is bucketed first: two of those in
-    one bucket put at least BUCKET_KEYS_MAX + 1 keys there, which refuses a crowded run
-    (day-major trade keys) for one read in BUCKET_KEYS_MAX, without building its table."""
-    from settle_arrow.kernels import bucket_shift, bucket_table  # numba loads in the background (see find)
-
-    # Offsets from the first key as uint64: exact for either key type (keys >= keys[0]).
-    spaced = (keys[::BUCKET_KEYS_MAX].view(np.uint64) - keys[:1].view(np.uint64)) >> np.uint64(
-        bucket_shift(keys, KEYS_PER_BUCKET))
-    if bool((spaced[1:] == spaced[:-1]).any()):
-        return None
-    table, shift = bucket_table(keys, KEYS_PER_BUCKET)
-    return (table, shift) if int(np.diff(table).max()) <= BUCKET_KEYS_MAX else None
 
 
 @dataclasses.dataclass
@@ -372,8 +340,6 @@ class _RunIndex:
     """What SortedRuns._search built for one run's keys (`keys`, the very array)."""
 
     keys: np.ndarray
-    bucketing_tried: bool = False
-    buckets: tuple[np.ndarray, int] | None = None  # kernels.bucket_table's (table, shift)
     sample: np.ndarray | None = None  # keys[::SAMPLE_STRIDE]
 
 
@@ -475,7 +441,7 @@ class EngineState:
     n_sec: int
     run_dir: str | None = None
     odd_seen: pl.DataFrame = dataclasses.field(default_factory=lambda: pl.DataFrame(schema=ODD_KEY_SCHEMA))
-    holdings: SortedRuns = dataclasses.field(default_factory=lambda: SortedRuns(np.int64, {"quantity": np.int64}))
+    holdings: HoldingsTable = dataclasses.field(default_factory=HoldingsTable)
     reported: SortedRuns = dataclasses.field(default_factory=lambda: SortedRuns(np.int64))
     seen: SortedRuns = dataclasses.field(init=False)
     accepted: SortedRuns = dataclasses.field(init=False)
@@ -495,19 +461,11 @@ class EngineState:
     def holding_keys(self, acct_idx: np.ndarray, sec_idx: np.ndarray) -> np.ndarray:
         return holding_keys(acct_idx, sec_idx, self.n_sec)
 
-    def positions(self, keys: np.ndarray) -> tuple[np.ndarray, tuple[int, np.ndarray, np.ndarray]]:
+    def positions(self, keys: np.ndarray) -> tuple[np.ndarray, tuple[int, np.ndarray]]:
         """Quantities held at `keys` (0 where none), and where they were found, which
         apply_holdings may reuse while holdings have not changed since."""
-        run_of, pos_of = self.holdings.find(keys)
-        return self.holdings.gather("quantity", run_of, pos_of), (self.holdings.version, run_of, pos_of)
+        return self.holdings.find(keys)
 
-    def apply_holdings(self, keys: np.ndarray, delta: np.ndarray,
-                       found: tuple[int, np.ndarray, np.ndarray] | None = None) -> None:
+    def apply_holdings(self, keys: np.ndarray, delta: np.ndarray, found: tuple[int, np.ndarray] | None = None) -> None:
         """Add per-key deltas (keys unique) to holdings, creating new keys as needed."""
-        if found is not None and found[0] == self.holdings.version:
-            run_of, pos_of = found[1], found[2]
-        else:
-            run_of, pos_of = self.holdings.find(keys)
-        missing = run_of < 0
-        self.holdings.add_at("quantity", run_of, pos_of, delta)
-        self.holdings.insert(keys[missing], {"quantity": delta[missing]})
+        self.holdings.add(keys, delta, found)

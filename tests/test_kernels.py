@@ -13,10 +13,7 @@ from hypothesis import strategies as st
 
 from settle_arrow import money
 from settle_arrow.kernels import (
-    add_found,
-    bucket_table,
     fees_fen,
-    find_in_buckets,
     find_in_run,
     gather_found,
     net_cash,
@@ -60,43 +57,6 @@ def test_find_in_run_is_searchsorted(keys, probe, stride, dtype, data):
     find_in_run(run, p, lo, hi, 3, run_of, pos_of, sample, stride or 1)
     want_run, want_pos = _numpy_find(run, p, lo, hi, 3, earlier, np.zeros(len(p), dtype=np.int64))
     assert np.array_equal(run_of, want_run) and np.array_equal(pos_of, want_pos)
-
-
-@settings(max_examples=300, deadline=None)
-@given(keys=st.sets(st.one_of(st.integers(0, 60), st.integers(0, U64_MAX)), min_size=1, max_size=300),
-       probe=st.lists(st.one_of(st.integers(0, 65), st.integers(0, U64_MAX)), max_size=100),
-       per_bucket=st.sampled_from([1, 2, 3, 16, 1000]), dtype=st.sampled_from([np.int64, np.uint64]), data=st.data())
-def test_find_in_buckets_is_searchsorted(keys, probe, per_bucket, dtype, data):
-    """The bucket table is its numpy definition, and a search through it equals
-    searchsorted-and-compare, as find_in_run's does: keys crowded or spread over the whole
-    int64 or uint64 range, probes inside the run or not, within any range, skipping probes
-    an earlier run answered."""
-    shift = -(1 << 63) if dtype is np.int64 else 0
-    run = np.array(sorted(k + shift for k in keys), dtype=dtype)
-    p = np.array(sorted(k + shift for k in probe), dtype=dtype)
-    table, bits = bucket_table(run, per_bucket)
-    offsets = np.array([(int(k) - int(run[0])) >> bits for k in run], dtype=np.int64)  # exact: Python ints
-    assert len(table) - 1 <= max(2, len(run) // per_bucket) and offsets[-1] == len(table) - 2
-    assert np.array_equal(table, np.searchsorted(offsets, np.arange(len(table))))
-    lo = data.draw(st.integers(0, len(p)))
-    hi = data.draw(st.integers(lo, len(p)))
-    earlier = np.array(data.draw(st.lists(st.sampled_from([-1, 0]), min_size=len(p), max_size=len(p))), dtype=np.int64)
-    run_of, pos_of = earlier.copy(), np.zeros(len(p), dtype=np.int64)
-    find_in_buckets(run, table, bits, p, lo, hi, 3, run_of, pos_of)
-    want_run, want_pos = _numpy_find(run, p, lo, hi, 3, earlier, np.zeros(len(p), dtype=np.int64))
-    assert np.array_equal(run_of, want_run) and np.array_equal(pos_of, want_pos)
-
-
-def test_find_in_buckets_refuses_unsorted_probes_and_another_runs_table():
-    run = np.arange(0, 100, 3, dtype=np.int64)
-    table, bits = bucket_table(run, 2)
-    out = np.full(2, -1, dtype=np.int64), np.zeros(2, dtype=np.int64)
-    with pytest.raises(ValueError, match="sorted"):
-        find_in_buckets(run, table, bits, np.array([5, 4], dtype=np.int64), 0, 2, 0, *out)
-    with pytest.raises(AssertionError, match="bucket_table"):
-        find_in_buckets(run[:10], table, bits, np.array([5, 6], dtype=np.int64), 0, 2, 0, *out)
-    with pytest.raises(AssertionError, match="dtype"):
-        find_in_buckets(run, table, bits, np.array([5, 6], dtype=np.uint64), 0, 2, 0, *out)
 
 
 def test_find_in_run_refuses_unsorted_probes_and_mixed_dtypes():
@@ -154,8 +114,8 @@ def test_fees_fen_refuses_what_would_not_stay_exact():
 
 def test_warm_loads_every_type_the_state_passes(tmp_path):
     """After kernels.warm(), finds over hot and spilled (read-only) runs of signed and
-    unsigned keys, sampled, bucketed or neither, compile nothing more: the background
-    load at start-up covers them all, so no window waits on a compile."""
+    unsigned keys, sampled or not, compile nothing more: the background load at start-up
+    covers them all, so no window waits on a compile."""
     from unittest import mock
 
     from settle_arrow import kernels, state
@@ -163,23 +123,18 @@ def test_warm_loads_every_type_the_state_passes(tmp_path):
 
     kernels.warm()
     loaded = set(kernels._find_in_run.signatures)
-    bucketed, tables = set(kernels._find_in_buckets.signatures), set(kernels._bucket_table.signatures)
     for dtype in (np.int64, np.uint64):
         runs = SortedRuns(dtype, frozen_rows_min=4, spill_dir=str(tmp_path))
         runs.insert(np.arange(0, 40, 2, dtype=dtype))  # frozen and spilled: read-only
         runs.insert(np.arange(1, 4, 2, dtype=dtype))  # hot: writable
         assert runs.n_frozen == 1 and not runs.runs[0][0].flags.writeable
         probe = np.arange(0, 40, dtype=dtype)
-        for ratio, bucketed_min in ((state.SAMPLED_RUN_PROBE_RATIO, 1 << 40), (0, 1 << 40), (0, 1)):
+        for ratio in (state.SAMPLED_RUN_PROBE_RATIO, 0):
             with mock.patch.object(state, "SAMPLED_RUN_ROWS_MIN", 1), \
-                    mock.patch.object(state, "SAMPLED_RUN_PROBE_RATIO", ratio), \
-                    mock.patch.object(state, "BUCKETED_RUN_ROWS_MIN", bucketed_min):
-                for _ in range(2):  # the second find of an unchanged run builds its buckets
-                    run_of, _ = runs.find(probe)
-                    assert (run_of >= 0).sum() == 22
-        assert all(x.buckets is not None for x in runs._indexes.values())
+                    mock.patch.object(state, "SAMPLED_RUN_PROBE_RATIO", ratio):
+                run_of, _ = runs.find(probe)
+                assert (run_of >= 0).sum() == 22
     assert set(kernels._find_in_run.signatures) == loaded
-    assert set(kernels._find_in_buckets.signatures) == bucketed and set(kernels._bucket_table.signatures) == tables
     fees = set(kernels._fees_fen.signatures)
     fees_fen(np.arange(3, dtype=np.int64), np.zeros(3, dtype=np.int64), np.ones((1, 8, 2), dtype=np.int64))
     assert fees and set(kernels._fees_fen.signatures) == fees
@@ -290,8 +245,8 @@ def test_netting_kernels_refuse_groups_out_of_range():
 @settings(max_examples=200, deadline=None)
 @given(column=st.lists(st.integers(-(2**31), 2**31 - 1), min_size=1, max_size=30), data=st.data(),
        dtype=st.sampled_from([np.int32, np.int64]), writable=st.booleans())
-def test_gather_and_add_found_are_masked_fancy_indexing(column, data, dtype, writable):
-    """Only the rows found in run r read (or add to) the column; the others keep their fill."""
+def test_gather_found_is_masked_fancy_indexing(column, data, dtype, writable):
+    """Only the rows found in run r read the column; the others keep their fill."""
     n = data.draw(st.integers(0, 40))
     run_of = np.array(data.draw(st.lists(st.integers(-1, 2), min_size=n, max_size=n)), dtype=np.int64)
     pos_of = np.array(data.draw(st.lists(st.integers(0, len(column) - 1), min_size=n, max_size=n)), dtype=np.int64)
@@ -302,20 +257,11 @@ def test_gather_and_add_found_are_masked_fancy_indexing(column, data, dtype, wri
     want = np.full(n, 7, dtype=dtype)
     want[run_of == 1] = col[pos_of[run_of == 1]]
     assert np.array_equal(out, want)
-    if dtype is np.int64:
-        # Distinct positions, as SortedRuns' keys are unique.
-        pos_of = np.arange(n, dtype=np.int64) % max(1, len(column))
-        run_of[np.arange(n) >= len(column)] = -1
-        delta = np.arange(n, dtype=np.int64) - 3
-        col, want = np.array(column, dtype=np.int64), np.array(column, dtype=np.int64)
-        add_found(col, run_of, pos_of, 1, delta)
-        want[pos_of[run_of == 1]] += delta[run_of == 1]
-        assert np.array_equal(col, want)
 
 
-def test_gather_and_add_found_refuse_positions_outside_the_column():
+def test_gather_found_refuses_positions_outside_the_column():
     col, found = np.zeros(3, dtype=np.int64), np.zeros(1, dtype=np.int64)
     with pytest.raises(IndexError, match="out of range"):
         gather_found(col, found, np.array([3]), 0, np.zeros(1, dtype=np.int64))
     with pytest.raises(IndexError, match="out of range"):
-        add_found(col, found, np.array([-1]), 0, np.ones(1, dtype=np.int64))
+        gather_found(col, found, np.array([-1]), 0, np.zeros(1, dtype=np.int64))

@@ -425,7 +425,6 @@ def test_init_opening_sorts_an_unsorted_opening(new_target):
 def test_fresh_start_state_equals_the_recovered_state(tmp_path, new_target):
     """A TARGET's first start keeps the opening it just stored as its state instead of
     reading it back: that state equals what recovery builds from the TARGET."""
-    import numpy as np
 
     from settle_arrow.engine import Engine
     from settle_arrow.recovery import recover
@@ -437,8 +436,7 @@ def test_fresh_start_state_equals_the_recovered_state(tmp_path, new_target):
     storage = open_storage(new_target())
 
     def content(runs) -> dict:
-        keys = np.concatenate([k for k, _ in runs.runs]) if runs.runs else np.empty(0)
-        cols = {c: np.concatenate([v[c] for _, v in runs.runs]) for c in runs.payload_types} if runs.runs else {}
+        keys, cols = runs.items()
         return {int(k): tuple(int(cols[c][i]) for c in sorted(cols)) for i, k in enumerate(keys)}
 
     try:

@@ -58,8 +58,6 @@ def test_prepare_changes_nothing(tmp_path: Path):
 
 
 def _contents(runs) -> np.ndarray:
-    """Keys (and payload columns) of a SortedRuns in key order, as one 2-D array."""
-    keys = np.concatenate([k for k, _ in runs.runs]) if runs.runs else np.empty(0)
-    cols = [np.concatenate([c[name] for _, c in runs.runs]).astype(np.int64) for name in runs.payload_types] if runs.runs else []
-    order = np.argsort(keys, kind="stable")
-    return np.stack([keys.astype(np.int64)[order], *[c[order] for c in cols]])
+    """Keys (and payload columns) of a state set in key order, as one 2-D array."""
+    keys, cols = runs.items()
+    return np.stack([keys.astype(np.int64), *[cols[c].astype(np.int64) for c in sorted(cols)]])

@@ -1,6 +1,6 @@
-"""SortedRuns (state.py) against a dict: any sequence of inserts and updates, with runs
-frozen and spilled at any size, finds, gathers and adds exactly as the dict does; packed
-trade keys are day-major and distinct."""
+"""SortedRuns (state.py) against a dict: any sequence of inserts, with runs frozen and
+spilled at any size, finds and gathers exactly as the dict does; packed trade keys are
+day-major and distinct."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import polars as pl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from settle_arrow import kernels, state
+from settle_arrow import state
 from settle_arrow.state import SortedRuns, pack_keys, stable_sort
 
 batches = st.lists(st.lists(st.integers(0, 400), max_size=60), max_size=25)
@@ -22,21 +22,15 @@ batches = st.lists(st.lists(st.integers(0, 400), max_size=60), max_size=25)
 @settings(max_examples=200, deadline=None)
 @given(batches=batches, frozen=st.one_of(st.none(), st.integers(1, 50)), spill=st.booleans(),
        probe=st.lists(st.integers(-5, 405), max_size=80),
-       sampled=st.one_of(st.none(), st.tuples(st.integers(1, 40), st.sampled_from([1, 2, 3, 4, 8]))),
-       bucketed=st.one_of(st.none(), st.tuples(st.integers(1, 40), st.sampled_from([1, 2, 128]))))
-def test_sorted_runs_behave_as_a_dict(tmp_path_factory, batches, frozen, spill, probe, sampled, bucketed):
+       sampled=st.one_of(st.none(), st.tuples(st.integers(1, 40), st.sampled_from([1, 2, 3, 4, 8]))))
+def test_sorted_runs_behave_as_a_dict(tmp_path_factory, batches, frozen, spill, probe, sampled):
     """`sampled`: (SAMPLED_RUN_ROWS_MIN, SAMPLE_STRIDE) small enough, and no minimum of
-    keys per probe, so that probes of these runs go through the sampled search;
-    `bucketed`: (BUCKETED_RUN_ROWS_MIN, BUCKET_KEYS_MAX) small enough that runs a find
-    meets again get bucket tables, kept or refused as too crowded."""
+    keys per probe, so that probes of these runs go through the sampled search."""
     with contextlib.ExitStack() as patches:
         if sampled is not None:
             patches.enter_context(mock.patch.object(state, "SAMPLED_RUN_ROWS_MIN", sampled[0]))
             patches.enter_context(mock.patch.object(state, "SAMPLED_RUN_PROBE_RATIO", 0))
             patches.enter_context(mock.patch.object(state, "SAMPLE_STRIDE", sampled[1]))
-        if bucketed is not None:
-            patches.enter_context(mock.patch.object(state, "BUCKETED_RUN_ROWS_MIN", bucketed[0]))
-            patches.enter_context(mock.patch.object(state, "BUCKET_KEYS_MAX", bucketed[1]))
         _behave_as_a_dict(tmp_path_factory, batches, frozen, spill, probe)
 
 
@@ -52,17 +46,11 @@ def _behave_as_a_dict(tmp_path_factory, batches, frozen, spill, probe):
         keys = np.array(sorted(set(batch) - set(oracle)), dtype=np.int64)[::-1 if i % 2 else 1]
         runs.insert(keys, {"v": keys * 3 + i})
         oracle.update({int(k): int(k) * 3 + i for k in keys})
-        if spill_dir is None and oracle and i % 3 == 0:  # updates in place (holdings)
-            upd = np.array(sorted(oracle)[:: 2], dtype=np.int64)
-            run_of, pos_of = runs.find(upd)
-            runs.add_at("v", run_of, pos_of, np.ones(len(upd), dtype=np.int64))
-            for k in upd:
-                oracle[int(k)] += 1
     assert len(runs) == len(oracle)
     assert all(len(k) >= frozen for k, _ in runs.runs[: runs.n_frozen]) if frozen else runs.n_frozen == 0
     p = np.array(probe, dtype=np.int64)
     every = np.array(sorted(oracle), dtype=np.int64)
-    # Twice each: a run that a find meets again unchanged earns its index on the second.
+    # Twice each: answers do not depend on what earlier finds built (samples) or released.
     for _ in range(2):
         run_of, pos_of = runs.find(p)
         assert list(run_of >= 0) == [k in oracle for k in probe]
@@ -103,24 +91,3 @@ def test_market_codes_are_the_dense_codes_of_known_markets(markets):
     got = state.market_codes(pl.Series(markets, dtype=pl.String))
     assert got.dtype == np.int64
     assert got.tolist() == [state.MARKET_CODES.get(m, -1) if m is not None else -1 for m in markets]
-
-
-def test_a_run_met_again_gets_a_bucket_table_unless_its_keys_crowd():
-    """Evenly spread keys (holdings) are searched through buckets from a run's second find
-    on; day-major trade keys, one narrow band per day, crowd a few buckets and keep the
-    sampled or galloping search. Answers are the same either way (the dict test above)."""
-    days = np.repeat(np.array([0, 1], dtype=np.uint64), 500)
-    crowded = (days << np.uint64(state.TRADE_ID_BITS)) | np.tile(np.arange(500, dtype=np.uint64), 2)
-    even = np.arange(0, 3000, 3, dtype=np.int64)
-    with mock.patch.object(state, "BUCKETED_RUN_ROWS_MIN", 100):
-        for keys, bucketed in ((even, True), (crowded, False)):
-            runs = SortedRuns(keys.dtype.type)
-            runs.insert(keys)
-            runs.find(keys[::7])
-            assert runs._indexes[0].buckets is None  # first met: no index built yet
-            with mock.patch.object(kernels, "bucket_table", wraps=kernels.bucket_table) as build:
-                run_of, pos_of = runs.find(keys[::7])
-            assert (runs._indexes[0].buckets is not None) == bucketed
-            # Crowded keys are refused from every BUCKET_KEYS_MAX-th key, no table built.
-            assert build.called == bucketed
-            assert (run_of == 0).all() and np.array_equal(pos_of, np.arange(0, len(keys), 7))
