@@ -28,7 +28,7 @@ HAVING SUM(net_amount) <> 0 OR SUM(buy_amount) <> 0 OR SUM(sell_amount) <> 0
 
 -- Holdings by dimension ids: the base (the last snapshot; before the first, the opening
 -- holdings themselves) plus both legs of every trade committed after it (holdings_legs).
--- The engine rewrites the snapshot, in key order, when the trades since it outgrow it (no
+-- The engine rewrites the snapshot (in no order) when the trades since it outgrow it (no
 -- per-window writes); recovery reads the base and the legs apart: neither touches strings.
 -- :holdings_snapshot_window stands for the snapshot's window (meta; -1 before the first): a
 -- subquery of meta, or on DuckDB a constant remade in the transaction that moves it

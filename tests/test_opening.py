@@ -173,7 +173,7 @@ def test_opening_load_ignores_row_order(tmp_path_factory, monkeypatch, keys, ord
     securities = loaded.securities["security_id"].gather(opening["sec_idx"]).to_list()
     got = list(zip(accounts, securities, opening["quantity"].to_list(), strict=True))
     assert sorted(got) == sorted((a, s, q) for a, _, s, q in rows)
-    # In key order, whatever the file's: the stored snapshot and EngineState keep it so.
+    # In key order, whatever the file's: the TARGET stores it so (a deterministic layout).
     keys = list(zip(opening["acct_idx"].to_list(), opening["sec_idx"].to_list(), strict=True))
     assert keys == sorted(keys)
 
@@ -384,7 +384,7 @@ def test_restart_refused_when_a_held_key_left_the_reference_data(started, droppe
 @pytest.mark.parametrize("file_order", ["by security", "by account"])
 def test_opening_stored_in_key_order(tmp_path, new_target, file_order):
     """Whatever the file's row order, the opening holdings (the base until the first
-    snapshot) are stored in key order, so a restart reads them as one sorted run."""
+    snapshot) are stored in key order: the TARGET does not depend on the file's row order."""
     rows = [("A3", "XSHG", "600000", 1), ("A1", "XSHG", "600001", 2), ("A2", "XSHG", "600000", 3),
             ("A1", "XSHG", "600000", 4)]
     rows.sort(key=(lambda r: (r[2], r[0])) if file_order == "by security" else (lambda r: (r[0], r[2])))
