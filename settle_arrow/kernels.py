@@ -352,7 +352,7 @@ def warm() -> None:
                                 sample, stride)
     fees_fen(zeros, zeros, np.zeros((1, 1, 1), dtype=np.int64))
     probe_slots(np.zeros((2, 2), dtype=np.uint64), np.ones(1, dtype=np.uint64), np.uint64(1))
-    for dtype in (np.int32, np.int64):  # payload columns (state.ACCEPTED_PAYLOAD, holdings)
+    for dtype in (np.int32, np.int64):  # payload columns (state.ACCEPTED_PAYLOAD)
         for writable in (True, False):  # spilled runs are mapped read-only
             gather_found(_flagged(np.zeros(1, dtype=dtype), writable), zeros, zeros, 0, np.zeros(1, dtype=dtype))
     for writable in (True, False):  # quantities and amounts straight from Polars are read-only

@@ -38,6 +38,7 @@ from settle_arrow.state import (
     ODD_KEY_SCHEMA,
     EngineState,
     SortedRuns,
+    holding_keys,
     market_codes,
     pack_keys,
     trade_keys,
@@ -211,7 +212,7 @@ def _holdings(storage: Storage, n_sec: int, account_of: Callable, sec_of: Callab
     unique keys) put in, then the legs since it (summed per key by the view) added; zero
     positions may stay (a missing key reads as zero), and those of accounts or securities
     the reference data no longer defines are left out (any other such position is an error)."""
-    state = EngineState(n_sec=n_sec)
+    holdings = HoldingsTable()
     for i, part in enumerate(("holdings_base", "holdings_legs")):
         # No ORDER BY: a hash table takes keys in any order.
         h = _frame(storage.query(f"SELECT acct_id, sec_id, quantity FROM {part}"))
@@ -220,9 +221,9 @@ def _holdings(storage: Storage, n_sec: int, account_of: Callable, sec_of: Callab
         unknown = (acct < 0) | (sec < 0)
         _require_known(storage, h.filter(pl.Series(unknown) & (h["quantity"] != 0)))
         known = ~unknown
-        keys_h, qty = state.holding_keys(acct[known], sec[known]), h["quantity"].to_numpy()[known]
+        keys_h, qty = holding_keys(acct[known], sec[known], n_sec), h["quantity"].to_numpy()[known]
         if i == 0:
-            state.holdings.insert(keys_h, qty)
+            holdings.insert(keys_h, qty)
         else:
-            state.apply_holdings(keys_h, qty)
-    return state.holdings
+            holdings.add(keys_h, qty)
+    return holdings

@@ -461,11 +461,3 @@ class EngineState:
     def holding_keys(self, acct_idx: np.ndarray, sec_idx: np.ndarray) -> np.ndarray:
         return holding_keys(acct_idx, sec_idx, self.n_sec)
 
-    def positions(self, keys: np.ndarray) -> tuple[np.ndarray, tuple[int, np.ndarray]]:
-        """Quantities held at `keys` (0 where none), and where they were found, which
-        apply_holdings may reuse while holdings have not changed since."""
-        return self.holdings.find(keys)
-
-    def apply_holdings(self, keys: np.ndarray, delta: np.ndarray, found: tuple[int, np.ndarray] | None = None) -> None:
-        """Add per-key deltas (keys unique) to holdings, creating new keys as needed."""
-        self.holdings.add(keys, delta, found)

@@ -78,7 +78,7 @@ class Register:
         starts = np.flatnonzero(np.r_[True, k_sorted[1:] != k_sorted[:-1]]) if len(k_sorted) else np.empty(0, np.int64)
         uniq = k_sorted[starts]
         sums = np.add.reduceat(d_sorted, starts) if len(starts) else np.empty(0, np.int64)
-        before, found = state.positions(uniq)
+        before, found = state.holdings.find(uniq)
         # Running position after each leg = position before the window + cumulative deltas.
         csum = np.cumsum(d_sorted)
         group = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(k_sorted)]))
@@ -94,7 +94,7 @@ class Register:
         new_reported = exceptions["__key"].to_numpy() if exceptions.height else np.empty(0, np.int64)
 
         def register() -> None:
-            state.apply_holdings(uniq, sums, found)
+            state.holdings.add(uniq, sums, found)
             state.reported.insert(new_reported)
 
         return window.add(
