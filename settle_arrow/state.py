@@ -284,7 +284,7 @@ class SortedRuns:
         payload = payload or {}
         assert set(payload) == set(self.payload_types), "payload columns must match"
         if bool((keys[1:] > keys[:-1]).all()):  # already sorted (recovery reads in key order): no sort
-            # Copies: payload columns are updated in place later; inputs may be read-only views.
+            # Copies: a run outlives the window, whose arrays (or views of its buffers) the caller may reuse.
             run = (keys.copy(), {c: np.array(v, dtype=self.payload_types[c]) for c, v in payload.items()})
         else:
             if payload:
