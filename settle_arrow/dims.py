@@ -102,17 +102,19 @@ def with_sources(storage: Storage, dims: DimIds, sources: list[str]) -> DimIds:
     return dataclasses.replace(dims, source=dict(zip(sources, src.tolist(), strict=True)))
 
 
+def holdings_ids(acct_idx: np.ndarray, sec_idx: np.ndarray, quantity: np.ndarray | pl.Series,
+                 dims: DimIds) -> pl.DataFrame:
+    """Positions of reference row indices in storage encoding (schema.HOLDINGS_IDS)."""
+    return pl.DataFrame(
+        {"acct_id": dims.account[acct_idx], "sec_id": dims.security[sec_idx], "quantity": quantity},
+        schema={"acct_id": pl.Int32, "sec_id": pl.Int32, "quantity": pl.Int64},
+    )
+
+
 def opening_ids(ref: RefData, dims: DimIds) -> pl.DataFrame:
     """Opening holdings in storage encoding (schema.HOLDINGS_IDS)."""
     o = ref.opening
-    return pl.DataFrame(
-        {
-            "acct_id": dims.account[o["acct_idx"].to_numpy()],
-            "sec_id": dims.security[o["sec_idx"].to_numpy()],
-            "quantity": o["quantity"],
-        },
-        schema={"acct_id": pl.Int32, "sec_id": pl.Int32, "quantity": pl.Int64},
-    )
+    return holdings_ids(o["acct_idx"].to_numpy(), o["sec_idx"].to_numpy(), o["quantity"], dims)
 
 
 def opening_fingerprint(ids: pl.DataFrame) -> str:

@@ -104,6 +104,9 @@ def test_holdings_table_behaves_as_a_dict(steps, probe):
     assert ((slots >= 0).tolist() == [k in oracle for k in probe]) or max(probe, default=0) >= UINT32_EMPTY
     keys, payload = table.items()
     assert keys.tolist() == sorted(oracle) and payload["quantity"].tolist() == [oracle[k] for k in sorted(oracle)]
+    held, quantity = table.positions()
+    assert len(set(held.tolist())) == len(held)
+    assert dict(zip(held.tolist(), quantity.tolist(), strict=True)) == {k: q for k, q in oracle.items() if q}
     if any(k >= UINT32_EMPTY for k in oracle):
         assert table._empty == INT64_EMPTY
 
@@ -128,6 +131,18 @@ def test_growth_keeps_the_load_bounded_and_the_positions():
         assert len(table) == len(oracle_keys) and len(table) <= holdings.LOAD_MAX * table.capacity
     keys, payload = table.items()
     assert (keys == oracle_keys).all() and (payload["quantity"] == oracle_qty).all()
+
+
+def test_positions_are_a_copy_the_table_does_not_change():
+    """The engine hands positions() to the commit lane while later windows change the table."""
+    table = HoldingsTable()
+    table.insert(np.array([3, 5, 8], dtype=np.int64), np.array([1, 0, -2], dtype=np.int64))
+    keys, quantity = table.positions()
+    # Grown and changed after: the copy still says what the table held when taken.
+    table.add(np.arange(10, 5000, dtype=np.int64), np.ones(4990, dtype=np.int64))
+    table.add(np.array([3, 5], dtype=np.int64), np.array([6, 7], dtype=np.int64))
+    assert sorted(zip(keys.tolist(), quantity.tolist(), strict=True)) == [(3, 1), (8, -2)]
+    assert keys.dtype == np.int64
 
 
 def _summed(at: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
