@@ -26,6 +26,7 @@ import hashlib
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import polars as pl
@@ -301,14 +302,13 @@ class Engine:
         if digest is None:
             empty = self.storage.count("checkpoints") == 0
             ids = opening_ids(ref, self.dims)
-            self.storage.init_opening(ids.to_arrow(), opening_fingerprint(ids), ref.opening_file_sha256)
-            if not empty:
-                return None
-            state = EngineState(n_sec=ref.n_sec, run_dir=self.storage.state_dir if in_reference_order(self.dims) else None)
-            o = ref.opening
-            state.holdings.insert(state.holding_keys(o["acct_idx"].to_numpy(), o["sec_idx"].to_numpy()),
-                                  o["quantity"].to_numpy())
-            return state
+            # A TARGET that committed nothing starts from the opening: its holdings table is
+            # built in another thread while the storage writes the rows (numba, DuckDB and
+            # hashlib release the GIL).
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="settle-opening") as pool:
+                state = pool.submit(self._opening_state) if empty else None
+                self.storage.init_opening(ids.to_arrow(), opening_fingerprint(ids), ref.opening_file_sha256)
+            return state.result() if state is not None else None
         elif meta.get("opening_file_sha256") == ref.opening_file_sha256:
             return None  # the very file the TARGET was started with: nothing to load or compare
         elif digest != opening_fingerprint(opening_ids(ref, self.dims)) and not self._same_opening():
@@ -318,6 +318,15 @@ class Engine:
         else:  # same rows in other bytes: remember these bytes, the next start skips the load
             self.storage.set_meta({"opening_file_sha256": ref.opening_file_sha256})
         return None
+
+    def _opening_state(self) -> EngineState:
+        """The state of a TARGET that holds the opening alone."""
+        ref = self.refdata
+        state = EngineState(n_sec=ref.n_sec, run_dir=self.storage.state_dir if in_reference_order(self.dims) else None)
+        o = ref.opening
+        state.holdings.insert(state.holding_keys(o["acct_idx"].to_numpy(), o["sec_idx"].to_numpy()),
+                              o["quantity"].to_numpy())
+        return state
 
     def _set_state(self, state: EngineState) -> None:
         """Take `state` (a fresh start's or recovered) and the bookkeeping of its kept runs:

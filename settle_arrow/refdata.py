@@ -358,8 +358,10 @@ def _by_runs(frame: pl.DataFrame, cols: list[str], lookup: Callable[[pl.DataFram
 
     if 2 * int(heads_of(keys.head(RUNS_SAMPLE_ROWS)).sum()) > min(keys.height, RUNS_SAMPLE_ROWS):
         return lookup(keys)
-    heads = heads_of(keys)
-    return lookup(keys.filter(pl.Series(heads)))[np.cumsum(heads) - 1]
+    starts = np.flatnonzero(heads_of(keys))
+    # Each run's answer repeated over its length: a gather through cumsum(heads) cost
+    # 0.2-0.3 s on 10 M rows, this ~0.02 s (measured).
+    return np.repeat(lookup(keys[starts]), np.diff(starts, append=keys.height))
 
 
 def _load_opening(ref: RefData) -> pl.DataFrame:
@@ -377,7 +379,8 @@ def _load_opening(ref: RefData) -> pl.DataFrame:
     # Key order, as EngineState and the stored snapshot keep holdings; uniqueness is then a
     # comparison of neighbours (the sort replaces a hash count of the same cost). Polars
     # sorts the key and moves the quantities with it: 10 M rows 1.2 -> 0.6 s against a
-    # numpy argsort and gathers, most of it the page faults of fresh 80 MB arrays (measured).
+    # numpy argsort and gathers, most of it the page faults of fresh 80 MB arrays (measured;
+    # a stable counting sort by account of a file sorted by security took 0.43-0.63 s).
     key = holding_keys(acct_idx, sec_idx, ref.n_sec)
     ordered = pl.DataFrame({"key": key, "quantity": hold["quantity"]}).sort("key")
     sorted_key = ordered["key"].to_numpy()
