@@ -60,12 +60,13 @@ class HoldingsTable:
         return keys[order], {"quantity": quantity[order]}
 
     def positions(self) -> tuple[np.ndarray, np.ndarray]:
-        """(keys as int64, quantities) of every non-zero position, in slot order (none a
-        caller may rely on): copies, so the table may change while a commit writes them."""
+        """(keys, quantities) of every non-zero position, in slot order (none a caller may
+        rely on), keys as the table holds them (uint32 or int64: 12 bytes a position while
+        narrow): copies, so the table may change while a commit writes them."""
         # A free slot's quantity is 0 (slots start at 0 and nothing is deleted), so one
         # comparison over the quantities finds the held non-zero positions.
         held = self._quantity != 0
-        return self._keys[held].astype(np.int64), self._quantity[held]
+        return self._keys[held], self._quantity[held]
 
     def find(self, keys: np.ndarray) -> tuple[np.ndarray, tuple[int, np.ndarray]]:
         """Quantity held at each key (0 where none), and where each was found (slot >= 0)

@@ -125,7 +125,8 @@ def holding_keys(acct_idx: np.ndarray, sec_idx: np.ndarray, n_sec: int) -> np.nd
 
 
 def split_holding_keys(keys: np.ndarray, n_sec: int) -> tuple[np.ndarray, np.ndarray]:
-    """(acct_idx, sec_idx) of holding keys: holding_keys' inverse."""
+    """(acct_idx, sec_idx) of holding keys (any integer type): holding_keys' inverse, int64."""
+    keys = keys.astype(np.int64, copy=False)
     acct_idx = keys // n_sec
     return acct_idx, keys - acct_idx * n_sec
 

@@ -6,6 +6,8 @@ replay leaves do not depend on when snapshots were taken. On every backend."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import polars as pl
 import pyarrow as pa
 import pytest
@@ -54,10 +56,11 @@ def test_every_snapshot_is_the_holdings_as_of_its_window(market, reference, new_
     if grouped:  # a lane that is always busy: groups of 5 windows, snapshots mid-group
         monkeypatch.setattr(pipeline.CommitLane, "busy", lambda self: True)
         monkeypatch.setattr(engine, "COMMIT_GROUP_WINDOWS_MAX", 5)
+        monkeypatch.setattr(engine, "SNAPSHOT_PIECE_ROWS", 37)  # and written in many pieces
     written: list[tuple[int, int]] = []  # (snapshot's window, last committed window then)
     replace = Storage.replace_holdings_snapshot
 
-    def checked(self: Storage, window_id: int, positions: pa.Table) -> None:
+    def checked(self: Storage, window_id: int, positions: Iterable[pa.Table]) -> None:
         replace(self, window_id, positions)
         stored = self.query("SELECT acct_id, sec_id, quantity, window_id FROM holdings_snapshot")
         assert set(stored["window_id"].to_pylist()) <= {window_id}
@@ -88,7 +91,7 @@ def test_a_resumed_run_counts_the_legs_since_the_stored_snapshot(market, referen
     windows: list[int] = []
     replace = Storage.replace_holdings_snapshot
 
-    def noted(self: Storage, window_id: int, positions: pa.Table) -> None:
+    def noted(self: Storage, window_id: int, positions: Iterable[pa.Table]) -> None:
         replace(self, window_id, positions)
         windows.append(window_id)
 

@@ -252,7 +252,7 @@ def test_holdings_are_the_snapshot_plus_the_legs_since_it(new_target, tmp_path):
         # One share of security 7: account 1 buys it from account 2 (_facts: every id is 1).
         storage.commit_window(1, {"trade_facts": _with(_facts(1), sec_id=7, sell_account_id=2)}, _checkpoint(1), ())
         assert holdings() == {(1, 7): 101, (2, 7): 49} and legs() == 2
-        storage.replace_holdings_snapshot(1, storage.query("SELECT acct_id, sec_id, quantity FROM holdings_ids"))
+        storage.replace_holdings_snapshot(1, [storage.query("SELECT acct_id, sec_id, quantity FROM holdings_ids")])
         assert holdings() == {(1, 7): 101, (2, 7): 49} and legs() == 0
         storage.commit_window(2, {"trade_facts": _with(_facts(1, 10), sec_id=7)}, _checkpoint(1), ())
         assert holdings() == {(1, 7): 101, (2, 7): 49}  # account 1 bought from itself

@@ -298,7 +298,7 @@ def test_whole_table_checks_name_each_broken_invariant(market, new_target):
     # A snapshot to tamper with: before the first, the opening is the base and conserved
     # by construction.
     storage.replace_holdings_snapshot(storage.max_window_id(),
-                                      storage.query("SELECT acct_id, sec_id, quantity FROM holdings_ids"))
+                                      [storage.query("SELECT acct_id, sec_id, quantity FROM holdings_ids")])
     first = "(SELECT MIN(window_id) FROM {})"
     tamper = [
         ("holdings_conserved",

@@ -464,19 +464,21 @@ class Storage(abc.ABC):
             extra={"opening_holdings": opening},
         )
 
-    def replace_holdings_snapshot(self, window_id: int, positions: pa.Table) -> None:
-        """Make `positions` (schema.HOLDINGS_IDS, unique keys, any order) holdings_snapshot
-        as of committed window `window_id`, in one transaction: the caller hands exactly
-        the holdings_ids view as of that window (zero positions may be left out), so the
-        view's contents stay the same."""
+    def replace_holdings_snapshot(self, window_id: int, positions: Iterable[pa.Table]) -> None:
+        """Make `positions` (pieces in schema.HOLDINGS_IDS, unique keys across them, any
+        order) holdings_snapshot as of committed window `window_id`, in one transaction:
+        the caller hands exactly the holdings_ids view as of that window (zero positions
+        may be left out), so the view's contents stay the same. Pieces, so that tens of
+        millions of positions never sit in memory in this encoding at once."""
         assert 0 <= window_id <= self.max_window_id(), f"a snapshot as of uncommitted window {window_id}"
-        positions = conform(positions, schema.HOLDINGS_IDS)
-        assert not any(positions[c].null_count for c in positions.column_names), "positions without nulls"
         self._begin()
         try:
             self._execute("DELETE FROM holdings_snapshot")
-            if positions.num_rows:
-                self._append("holdings_snapshot", _with_window_id(positions, window_id))
+            for piece in positions:
+                piece = conform(piece, schema.HOLDINGS_IDS)
+                assert not any(piece[c].null_count for c in piece.column_names), "positions without nulls"
+                if piece.num_rows:
+                    self._append("holdings_snapshot", _with_window_id(piece, window_id))
             self._put_meta({schema.HOLDINGS_SNAPSHOT_KEY: str(window_id)})
             self._commit()
         except BaseException:
