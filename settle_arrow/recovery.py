@@ -1,7 +1,7 @@
 """Rebuild EngineState from a TARGET's committed tables: the state is never the only copy.
 
-Data model: storage tables -> EngineState (see state.py), in two threads over two handles
-on the TARGET (holdings apart from the rest): seen keys, accepted N trades and
+Data model: storage tables -> EngineState (see state.py), in three threads over three
+handles on the TARGET (the holdings' base, their legs, the rest): seen keys, accepted N trades and
 cancellations from the frozen runs the TARGET kept (Storage.state_runs, mapped, not
 read) plus trade_facts of the windows after them and quarantine (integer ids mapped back
 to reference rows through dims.DimIds), holdings from holdings_base plus holdings_legs
