@@ -54,3 +54,26 @@ def pg_backend(pg_database) -> Backend:
 def new_target(backend, tmp_path):
     """`new_target(name="db") -> TARGET`: a fresh, empty TARGET of this test's backend."""
     return functools.partial(backend.new, tmp_path)
+
+
+@pytest.fixture(scope="session")
+def small_market(tmp_path_factory):
+    """A generated market of 3,000 trades with bad rows and cancellations, for replays that
+    vary how the engine groups, snapshots or folds them (generated once a session)."""
+    from settle_arrow.generate import MarketSpec, generate_market
+
+    return generate_market(tmp_path_factory.mktemp("small_market"),
+                           MarketSpec(trades=3000, seed=21, accounts=80, securities=15, participants=4, days=3,
+                                      bad_rate=0.05, cancel_rate=0.05))
+
+
+@pytest.fixture(scope="session")
+def small_market_tables(small_market, tmp_path_factory):
+    """The output tables (checkpoints aside) of one DuckDB batch replay of small_market: its
+    6,000 legs stay below every folding and snapshot threshold, so none happened."""
+    from settle_arrow import open_target, replay, schema
+
+    db = str(tmp_path_factory.mktemp("small_market_ref") / "batch.duckdb")
+    replay(list(small_market.trade_files), small_market.refdata_dir, db, batch=True)
+    with open_target(db) as t:
+        return {name: t.table(name) for name in schema.OUTPUT if name != "checkpoints"}

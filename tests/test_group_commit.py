@@ -13,7 +13,6 @@ import pytest
 
 from settle_arrow import engine, open_target, pipeline, replay, schema
 from settle_arrow.engine import WindowTiming
-from settle_arrow.generate import MarketSpec, generate_market
 from settle_arrow.storage import open_storage
 from settle_arrow.storage.base import WindowMark
 
@@ -99,24 +98,9 @@ def test_a_group_refuses_windows_out_of_order_or_rows_of_other_windows(tmp_path)
 # --- the engine's grouping ---------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def market(tmp_path_factory):
-    root = tmp_path_factory.mktemp("market")
-    return generate_market(root, MarketSpec(trades=3000, seed=21, accounts=80, securities=15, participants=4,
-                                            days=3, bad_rate=0.05, cancel_rate=0.05))
-
-
-@pytest.fixture(scope="module")
-def reference(market, tmp_path_factory):
-    db = str(tmp_path_factory.mktemp("ref") / "batch.duckdb")
-    replay(list(market.trade_files), market.refdata_dir, db, batch=True)
-    with open_target(db) as t:
-        return {name: t.table(name) for name in TABLES}
-
-
 @pytest.mark.parametrize(("windows_max", "rows_max", "group"), [(5, 200_000, 5), (16, 1750, 7), (1, 200_000, 1)])
-def test_grouped_windows_give_the_same_tables(market, reference, new_target, monkeypatch, windows_max, rows_max,
-                                              group):
+def test_grouped_windows_give_the_same_tables(small_market, small_market_tables, new_target, monkeypatch,
+                                              windows_max, rows_max, group):
     """A lane that is always busy: every group fills to its bound (windows or rows)."""
     monkeypatch.setattr(pipeline.CommitLane, "busy", lambda self: True)
     monkeypatch.setattr(engine, "COMMIT_GROUP_WINDOWS_MAX", windows_max)
@@ -124,7 +108,7 @@ def test_grouped_windows_give_the_same_tables(market, reference, new_target, mon
     db = new_target()
     seen: list[tuple[int, int]] = []
     timings: list[WindowTiming] = []
-    report = replay(list(market.trade_files), market.refdata_dir, db, window_rows=250,
+    report = replay(list(small_market.trade_files), small_market.refdata_dir, db, window_rows=250,
                     on_window=lambda rows, windows: seen.append((rows, windows)), on_commit=timings.append)
     with open_target(db) as t:
         got = {name: t.table(name) for name in TABLES}
@@ -133,7 +117,7 @@ def test_grouped_windows_give_the_same_tables(market, reference, new_target, mon
         per_window = t.storage.query("SELECT window_id, COUNT(*) AS n FROM (SELECT window_id FROM trade_facts "
                                      "UNION ALL SELECT window_id FROM quarantine) AS w GROUP BY 1 ORDER BY 1")
     for name in TABLES:
-        assert got[name].equals(reference[name]), f"{name} differs"
+        assert got[name].equals(small_market_tables[name]), f"{name} differs"
     n = report.windows
     assert n == 12 and cps["window_id"].to_list() == list(range(1, n + 1)) and cps["rows"].sum() == 3000
     assert per_window["window_id"].to_pylist() == list(range(1, n + 1)) and set(per_window["n"].to_pylist()) == {250}

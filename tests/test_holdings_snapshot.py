@@ -13,7 +13,6 @@ import pyarrow as pa
 import pytest
 
 from settle_arrow import engine, open_target, pipeline, replay, schema
-from settle_arrow.generate import MarketSpec, generate_market
 from settle_arrow.storage.base import Storage
 
 TABLES = [t for t in schema.OUTPUT if t != "checkpoints"]
@@ -28,28 +27,13 @@ SELECT acct_id, sec_id, CAST(SUM(quantity) AS BIGINT) AS quantity FROM (
 """
 
 
-@pytest.fixture(scope="module")
-def market(tmp_path_factory):
-    root = tmp_path_factory.mktemp("market")
-    return generate_market(root, MarketSpec(trades=3000, seed=23, accounts=80, securities=15, participants=4,
-                                            days=3, bad_rate=0.05, cancel_rate=0.05))
-
-
-@pytest.fixture(scope="module")
-def reference(market, tmp_path_factory):
-    """A batch replay: 6,000 legs, far below COMPACT_ROWS_MIN, so no snapshot at all."""
-    db = str(tmp_path_factory.mktemp("ref") / "batch.duckdb")
-    replay(list(market.trade_files), market.refdata_dir, db, batch=True)
-    with open_target(db) as t:
-        return {name: t.table(name) for name in TABLES}
-
-
 def _positions(t: pa.Table) -> dict[tuple[int, int], int]:
     return {(a, s): q for a, s, q in zip(*(t[c].to_pylist() for c in ("acct_id", "sec_id", "quantity")), strict=True)}
 
 
 @pytest.mark.parametrize("grouped", [False, True], ids=["window-by-window", "grouped"])
-def test_every_snapshot_is_the_holdings_as_of_its_window(market, reference, new_target, monkeypatch, grouped):
+def test_every_snapshot_is_the_holdings_as_of_its_window(small_market, small_market_tables, new_target, monkeypatch,
+                                                         grouped):
     # A snapshot every ~200 trades: several per run, each checked as it is written.
     monkeypatch.setattr(engine, "COMPACT_ROWS_MIN", 400)
     monkeypatch.setattr(engine, "SNAPSHOT_GROWTH", 0)
@@ -70,7 +54,7 @@ def test_every_snapshot_is_the_holdings_as_of_its_window(market, reference, new_
 
     monkeypatch.setattr(Storage, "replace_holdings_snapshot", checked)
     db = new_target()
-    replay(list(market.trade_files), market.refdata_dir, db, window_rows=70)
+    replay(list(small_market.trade_files), small_market.refdata_dir, db, window_rows=70)
     assert len(written) >= 5
     if grouped:
         assert any(w < last for w, last in written), "no snapshot of a window inside its group"
@@ -78,15 +62,16 @@ def test_every_snapshot_is_the_holdings_as_of_its_window(market, reference, new_
         got = {name: t.table(name) for name in TABLES}
         assert t.storage.meta()[schema.HOLDINGS_SNAPSHOT_KEY] == str(written[-1][0])
     for name in TABLES:
-        assert got[name].equals(reference[name]), f"{name} differs"
+        assert got[name].equals(small_market_tables[name]), f"{name} differs"
 
 
-def test_a_resumed_run_counts_the_legs_since_the_stored_snapshot(market, reference, new_target, monkeypatch):
+def test_a_resumed_run_counts_the_legs_since_the_stored_snapshot(small_market, small_market_tables, new_target,
+                                                                 monkeypatch):
     """A restart takes up the count of legs since the last snapshot from the TARGET: the
     next snapshot comes as due, not a whole threshold later."""
     monkeypatch.setattr(engine, "COMPACT_ROWS_MIN", 1000)
     monkeypatch.setattr(engine, "SNAPSHOT_GROWTH", 0)
-    files = list(market.trade_files)
+    files = list(small_market.trade_files)
     db = new_target()
     windows: list[int] = []
     replace = Storage.replace_holdings_snapshot
@@ -97,7 +82,7 @@ def test_a_resumed_run_counts_the_legs_since_the_stored_snapshot(market, referen
 
     monkeypatch.setattr(Storage, "replace_holdings_snapshot", noted)
     for part in (files[: len(files) // 2], files):
-        replay(part, market.refdata_dir, db, window_rows=100)
+        replay(part, small_market.refdata_dir, db, window_rows=100)
     with open_target(db) as t:
         got = {name: t.table(name) for name in TABLES}
         rows = t.storage.query("SELECT window_id, COUNT(*) AS n FROM trade_facts GROUP BY 1 ORDER BY 1")
@@ -110,4 +95,4 @@ def test_a_resumed_run_counts_the_legs_since_the_stored_snapshot(market, referen
             last = total
     assert windows == due
     for name in TABLES:
-        assert got[name].equals(reference[name]), f"{name} differs"
+        assert got[name].equals(small_market_tables[name]), f"{name} differs"
