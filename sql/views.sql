@@ -28,8 +28,9 @@ HAVING SUM(net_amount) <> 0 OR SUM(buy_amount) <> 0 OR SUM(sell_amount) <> 0
 
 -- Holdings by dimension ids: the base (the last snapshot; before the first, the opening
 -- holdings themselves) plus both legs of every trade committed after it (holdings_legs).
--- The engine rewrites the snapshot (in no order) when the trades since it outgrow it (no
--- per-window writes); recovery reads the base and the legs apart: neither touches strings.
+-- The engine writes the snapshot from its own holdings table, as of a window, in no order,
+-- when the legs since it outnumber the positions (no per-window writes); recovery reads
+-- the base and the legs apart: neither touches strings.
 -- :holdings_snapshot_window stands for the snapshot's window (meta; -1 before the first): a
 -- subquery of meta, or on DuckDB a constant remade in the transaction that moves it
 -- (storage/base.py), since DuckDB's Parquet scan skips older windows only for a constant
