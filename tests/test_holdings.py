@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from settle_arrow import holdings
 from settle_arrow.holdings import INT64_EMPTY, UINT32_EMPTY, HoldingsTable
-from settle_arrow.kernels import table_find, table_insert
+from settle_arrow.kernels import table_add, table_find, table_insert
 
 # Narrow keys near the top of uint32 as well as small ones: a key hashing to the last
 # slot wraps round to slot 0.
@@ -56,6 +56,26 @@ def test_table_kernels_behave_as_a_dict(data, wide, spare):
         with pytest.raises(ValueError, match="already"):
             table_insert(slot_keys, slot_values, empty, probe[:1], np.zeros(1, dtype=np.int64),
                          np.full(1, -1, dtype=np.int64))
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), capacity=st.integers(1, 30))
+def test_table_add_is_a_fancy_index_add_of_the_hits(data, capacity):
+    """table_add adds each found slot's delta in place and answers the positions of the
+    probes not found (slot < 0: -1 - a free slot), in order, as numpy's masked add."""
+    hits = data.draw(st.lists(st.integers(0, capacity - 1), unique=True, max_size=capacity))
+    misses = data.draw(st.lists(st.integers(-capacity, -1), max_size=20))
+    slots = np.array(data.draw(st.permutations(hits + misses)), dtype=np.int64)
+    delta = np.array(data.draw(st.lists(st.integers(-(1 << 40), 1 << 40), min_size=len(slots), max_size=len(slots))),
+                     dtype=np.int64)
+    values = np.array(data.draw(st.lists(st.integers(-(1 << 40), 1 << 40), min_size=capacity, max_size=capacity)),
+                      dtype=np.int64)
+    expected = values.copy()
+    found = slots >= 0
+    expected[slots[found]] += delta[found]
+    missed = table_add(values, slots, delta)
+    assert values.tolist() == expected.tolist()
+    assert missed.tolist() == np.flatnonzero(~found).tolist()
 
 
 steps = st.lists(st.tuples(st.sampled_from(["add", "add_found", "add_stale", "insert"]),

@@ -442,7 +442,12 @@ class Clear:
             row_of_seq[p["seq"].to_numpy()] = np.arange(p.height)
             rows = row_of_seq[a["seq"].to_numpy()]
             assert (rows >= 0).all(), "an accepted row was not prepared"
-            per_trade = p.drop("seq")[rows]
+            per_trade = p.drop("seq")
+            # Where every prepared row was accepted (the usual window: no duplicate, no failed
+            # cancellation) the rows are the prepared ones in order: no gather of the ~20
+            # columns (100,000 rows: 2.4 -> 0.2 ms, measured).
+            if len(rows) != p.height or (rows != np.arange(len(rows))).any():
+                per_trade = per_trade[rows]
         else:
             per_trade = _per_trade(ref, a.select(_INPUTS)).drop("seq")
         _require_settle_dates(pl.concat([a.select("market", "trade_date"), per_trade], how="horizontal"))

