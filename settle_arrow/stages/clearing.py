@@ -152,8 +152,12 @@ def _settle_dates(ref: RefData, regimes: pl.DataFrame) -> dict[str, np.ndarray]:
     return dates
 
 
-def _require_settle_dates(t: pl.DataFrame) -> None:
-    """CalendarError for the first trade whose settlement date is past its calendar's end."""
+def _require_settle_dates(accepted: pl.DataFrame, per_trade: pl.DataFrame) -> None:
+    """CalendarError for the first trade whose settlement date is past its calendar's end
+    (`per_trade`'s rows are `accepted`'s)."""
+    if not (per_trade["securities_settle_date"].null_count() or per_trade["cash_settle_date"].null_count()):
+        return  # the usual window: two counts the columns keep, not a filter (0.3 ms, measured)
+    t = pl.concat([accepted.select("market", "trade_date"), per_trade], how="horizontal")
     past = t.filter(pl.col("securities_settle_date").is_null() | pl.col("cash_settle_date").is_null())
     if past.height:
         row = past.row(0, named=True)
@@ -450,7 +454,7 @@ class Clear:
                 per_trade = per_trade[rows]
         else:
             per_trade = _per_trade(ref, a.select(_INPUTS)).drop("seq")
-        _require_settle_dates(pl.concat([a.select("market", "trade_date"), per_trade], how="horizontal"))
+        _require_settle_dates(a, per_trade)
         t = pl.concat([a, per_trade], how="horizontal").with_columns(pl.col(_SIGNED) * pl.col("sign").cast(pl.Int64))
         sec, cash = _obligations(t, ref)
         cash = cash.with_columns(money.to_money(pl.col(c)) for c in cash.columns if cash.schema[c] == pl.Int64)
