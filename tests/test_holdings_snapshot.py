@@ -41,6 +41,8 @@ def test_every_snapshot_is_the_holdings_as_of_its_window(small_market, small_mar
         monkeypatch.setattr(pipeline.CommitLane, "busy", lambda self: True)
         monkeypatch.setattr(engine, "COMMIT_GROUP_WINDOWS_MAX", 5)
         monkeypatch.setattr(engine, "SNAPSHOT_PIECE_ROWS", 37)  # and written in many pieces
+    else:  # one window a commit, however slow the commits: every due snapshot is written
+        monkeypatch.setattr(engine, "COMMIT_GROUP_WINDOWS_MAX", 1)
     written: list[tuple[int, int]] = []  # (snapshot's window, last committed window then)
     replace = Storage.replace_holdings_snapshot
 
