@@ -533,7 +533,7 @@ class Engine:
             if group[-1].mark is None:
                 piece = group[0].window
                 appends = {n: piece.frames[n].to_arrow() for n in schema.WINDOW_APPENDS if n != "trade_facts"}
-                appends["trade_facts"] = trade_facts(piece.frames["cleared"], ref, dims).to_arrow()
+                appends["trade_facts"] = trade_facts(piece.frames["cleared"], ref, dims)
                 storage.stage_window(piece.window_id, appends)
                 return
             due = [name for name in schema.DELTAS
@@ -575,14 +575,15 @@ def _group_appends(group: tuple[_Processed, ...], ref: RefData, dims: DimIds) ->
     """The WINDOW_APPENDS rows of `group`'s pieces, each with its window_id: one Arrow table
     per table for the whole group, so the group pays each append's fixed cost once."""
     def rows(name: str) -> pl.DataFrame:
-        frames = [p.window.frames[name].with_columns(pl.lit(p.window.window_id, dtype=pl.Int64).alias("window_id"))
-                  for p in group if p.window.frames[name].height]
-        return pl.concat(frames) if frames else group[0].window.frames[name].with_columns(
-            pl.lit(None, dtype=pl.Int64).alias("window_id"))
+        # hstack, not with_columns: a query's fixed cost (~30 µs) per table and window.
+        frames = [f.hstack([pl.Series("window_id", np.full(f.height, p.window.window_id, dtype=np.int64))])
+                  for p in group if (f := p.window.frames[name]).height]
+        return pl.concat(frames) if frames else group[0].window.frames[name].hstack(
+            [pl.Series("window_id", [], dtype=pl.Int64)])
 
     cleared = rows("cleared")
     appends = {name: rows(name).to_arrow() for name in schema.WINDOW_APPENDS if name != "trade_facts"}
-    appends["trade_facts"] = trade_facts(cleared, ref, dims).with_columns(cleared["window_id"]).to_arrow()
+    appends["trade_facts"] = trade_facts(cleared, ref, dims).append_column("window_id", cleared["window_id"].to_arrow())
     return appends
 
 

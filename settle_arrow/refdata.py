@@ -191,6 +191,13 @@ class RefData:
         assert of_sec.null_count() == 0
         return of_sec.to_numpy(), pairs
 
+    @functools.cached_property
+    def cash_pair_ranks(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rank of each cash pair's market, rank of its currency), int64, 0 first: clearing
+        orders cash obligations by market and by currency through them."""
+        pairs = self.cash_pairs[1]
+        return tuple(pairs[c].rank("dense").to_numpy().astype(np.int64) - 1 for c in ("market", "currency"))
+
     def sec_idx(self, keys: pl.DataFrame) -> pl.Series:
         """sec_idx of each (market, security_id) row of `keys`, in order; null where unknown."""
         return keys.select("market", "security_id").join(

@@ -106,8 +106,8 @@ def test_cash_netting_is_exact_when_sums_could_leave_int64(huge_rows):
     c = c.with_columns(pl.when(pl.int_range(pl.len()) < huge_rows).then(pl.lit(10**15)).otherwise("amount_fen")
                        .alias("amount_fen"))
     _, cash = _obligations(c, REF)
-    got = {(r["market"], r["trade_date"], r["cash_settle_date"], r["participant_id"], r["currency"]): r["net_amount"]
-           for r in cash.iter_rows(named=True)}
+    got = {(r["market"], r["trade_date"], r["cash_settle_date"], r["participant_id"], r["currency"]):
+           int(r["net_amount"] * 100) for r in cash.iter_rows(named=True)}
     assert got == _net_amount_by_python(c)
 
 
