@@ -200,10 +200,14 @@ class RefData:
 
     def sec_idx(self, keys: pl.DataFrame) -> pl.Series:
         """sec_idx of each (market, security_id) row of `keys`, in order; null where unknown."""
-        return keys.select("market", "security_id").join(
-            self.securities.select("market", "security_id", "sec_idx"),
-            on=["market", "security_id"], how="left", maintain_order="left",
+        return keys[["market", "security_id"]].join(
+            self._security_keys, on=["market", "security_id"], how="left", maintain_order="left",
         )["sec_idx"]
+
+    @functools.cached_property
+    def _security_keys(self) -> pl.DataFrame:
+        """(market, security_id, sec_idx): sec_idx's right side, once, not per window."""
+        return self.securities[["market", "security_id", "sec_idx"]]
 
     def business_days(self, market: str) -> np.ndarray:
         return self.calendars.get(market, np.empty(0, dtype=np.int32))

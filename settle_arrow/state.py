@@ -57,6 +57,9 @@ SAMPLED_RUN_ROWS_MIN = 1 << 16
 SAMPLED_RUN_PROBE_RATIO = 128
 SAMPLE_STRIDE = 32
 # Freeze sizes (see SortedRuns): merges copy at most ~2x these many keys at any stream length.
+# _merge copies a new run that lands in at most this many blocks of the old one as slices
+# (one loop iteration per block and column: control plane), and scatters it otherwise.
+MERGE_BLOCKS_MAX = 32
 SEEN_FROZEN_ROWS = 8_000_000  # 64 MB of keys per frozen run
 # 22 MB of keys and payload per frozen run. Each key is copied by about log2(freeze size /
 # window rows) merges before its run freezes, and only X rows probe `accepted`, so more,
@@ -371,9 +374,16 @@ def _merge(k1: np.ndarray, c1: dict[str, np.ndarray], k2: np.ndarray,
         return merged, {}
     if len(k1) < len(k2):
         k1, c1, k2, c2 = k2, c2, k1, c1
+    at = np.searchsorted(k1, k2)
+    # A window's trade keys land in k1 in a few blocks (one per market and day: ids rise
+    # through a day), each between two neighbours of k1: then the merged run is slices of
+    # the two runs copied whole, not scattered (400,000 + 100,000 keys in two blocks, 7
+    # columns: 22 -> 14 ms, measured).
+    cuts = np.flatnonzero(at[1:] != at[:-1]) + 1
+    if len(k2) and len(cuts) < MERGE_BLOCKS_MAX:
+        return _merge_blocks(k1, c1, k2, c2, at, cuts)
     # Where each key of the smaller run lands in the merged run: its rank in k1 plus the
     # keys of k2 before it (keys are unique across runs, so no ties).
-    at = np.searchsorted(k1, k2)
     at += np.arange(len(k2), dtype=at.dtype)
     from_k1 = np.ones(len(k1) + len(k2), dtype=bool)
     from_k1[at] = False
@@ -387,6 +397,25 @@ def _merge(k1: np.ndarray, c1: dict[str, np.ndarray], k2: np.ndarray,
         out[at] = a2
         out[at1] = a1
         return out
+
+    return interleave(k1, k2), {c: interleave(c1[c], c2[c]) for c in c1}
+
+
+def _merge_blocks(k1: np.ndarray, c1: dict[str, np.ndarray], k2: np.ndarray, c2: dict[str, np.ndarray],
+                  at: np.ndarray, cuts: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """_merge when k2 is a few blocks of keys, block b landing in k1 at at[cuts[b - 1]]
+    (`at` = searchsorted(k1, k2); a block's keys share their place in k1)."""
+    starts = np.concatenate(([0], cuts))
+    ends = np.concatenate((cuts, [len(k2)]))
+    places = at[starts]
+
+    def interleave(a1: np.ndarray, a2: np.ndarray) -> np.ndarray:
+        parts, done = [], 0
+        for place, start, end in zip(places.tolist(), starts.tolist(), ends.tolist(), strict=True):
+            parts += [a1[done:place], a2[start:end]]
+            done = place
+        parts.append(a1[done:])
+        return np.concatenate(parts)
 
     return interleave(k1, k2), {c: interleave(c1[c], c2[c]) for c in c1}
 

@@ -61,6 +61,21 @@ def _behave_as_a_dict(tmp_path_factory, batches, frozen, spill, probe):
         assert all(k.base is not None and not k.flags.writeable for k, _ in runs.runs[: runs.n_frozen] if len(k))
 
 
+@settings(max_examples=300, deadline=None)
+@given(keys=st.sets(st.integers(0, 10**6), max_size=200), data=st.data(), blocks_max=st.sampled_from([0, 4, 1000]))
+def test_merge_equals_a_sort_of_both_runs(keys, data, blocks_max):
+    """_merge of two runs with disjoint keys (any split, blocks or scattered, whichever
+    run is larger) equals sorting both together, payload moved with its key."""
+    keys = sorted(keys)
+    mine = data.draw(st.lists(st.booleans(), min_size=len(keys), max_size=len(keys)))
+    k1 = np.array([k for k, m in zip(keys, mine, strict=True) if m], dtype=np.int64)
+    k2 = np.array([k for k, m in zip(keys, mine, strict=True) if not m], dtype=np.int64)
+    with mock.patch.object(state, "MERGE_BLOCKS_MAX", blocks_max):
+        merged, cols = state._merge(k1, {"v": k1 * 7, "w": -k1}, k2, {"v": k2 * 7, "w": -k2})
+    assert merged.tolist() == keys
+    assert cols["v"].tolist() == [k * 7 for k in keys] and cols["w"].tolist() == [-k for k in keys]
+
+
 def test_trade_keys_are_day_major_and_distinct():
     days = [datetime.date(2024, 1, 2), datetime.date(2024, 1, 3)]
     rows = [(code, d, tid) for d in days for code in (1, 0) for tid in (1, 2**46 - 1)]

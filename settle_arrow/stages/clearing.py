@@ -27,6 +27,7 @@ from settle_arrow import money, schema
 from settle_arrow.errors import UserError
 from settle_arrow.refdata import RefData
 from settle_arrow.stages.base import StageContext, Window
+from settle_arrow.stages.validate import passed_stateless
 
 FEE_COLS = list(schema.FEE_COLUMNS.values())
 # Largest product of radices a packed netting key may have (int64 with room to spare).
@@ -88,10 +89,10 @@ def _regimes(ref: RefData, sec_idx: np.ndarray, trade_date: pl.Series) -> tuple[
         regime = rank[key]
     else:
         keys, regime = np.unique(key, return_inverse=True)
-    regimes = classes[keys // span].with_columns(
+    regimes = classes[keys // span].hstack([  # hstack: no query's fixed cost
         pl.Series("cls", keys // span, dtype=pl.Int64),
         pl.Series("trade_date", (keys % span + day_min).astype(np.int32)).cast(pl.Date),
-    )
+    ])
     return regime, regimes
 
 
@@ -426,9 +427,9 @@ _INPUTS = ("seq", "sec_idx", "price_milli", "quantity", "buy_unit_idx", "sell_un
 
 def _per_trade(ref: RefData, t: pl.DataFrame) -> pl.DataFrame:
     """_PER_TRADE, plus seq, for rows (columns _INPUTS) that passed every stateless check."""
-    info = ref.securities.select("security_type", "currency", "securities_cycle", "cash_cycle")
+    info = ref.securities[["security_type", "currency", "securities_cycle", "cash_cycle"]]
     sec_idx = t["sec_idx"].to_numpy()
-    t = pl.concat([t, info[sec_idx] if t.height else info.clear()], how="horizontal")
+    info = info[sec_idx] if t.height else info.clear()
     amount = money.amount_fen(t["price_milli"].to_numpy(), t["quantity"].to_numpy()) if t.height else np.zeros(0, np.int64)
     regime, regimes = _regimes(ref, sec_idx, t["trade_date"])
     fees = _fees(ref, regimes, regime, amount)
@@ -436,15 +437,25 @@ def _per_trade(ref: RefData, t: pl.DataFrame) -> pl.DataFrame:
     parts = ref.participants["participant_id"]
     buy_part = ref.unit_participant[t["buy_unit_idx"].to_numpy()]
     sell_part = ref.unit_participant[t["sell_unit_idx"].to_numpy()]
-    t = t.with_columns(
-        pl.Series("amount_fen", amount, dtype=pl.Int64),
-        *[pl.Series(k, v, dtype=pl.Int64) for k, v in fees.items()],
-        pl.Series("buy_part_idx", buy_part), pl.Series("sell_part_idx", sell_part),
-        parts.gather(buy_part).alias("buy_participant"),
-        parts.gather(sell_part).alias("sell_participant"),
-        *[pl.Series(name, d[regime]) for name, d in dates.items()],
-    ).with_columns(pl.when(pl.col(name) >= 0).then(pl.col(name).cast(pl.Date)).alias(name) for name in dates)
-    return t.select("seq", *_PER_TRADE)
+    # Column by column, not by queries (see _cash_rows): three a window before.
+    columns = {
+        "seq": t["seq"],
+        **{c.name: c for c in info.get_columns()},
+        "amount_fen": pl.Series("amount_fen", amount, dtype=pl.Int64),
+        **{k: pl.Series(k, v, dtype=pl.Int64) for k, v in fees.items()},
+        "buy_part_idx": pl.Series("buy_part_idx", buy_part),
+        "sell_part_idx": pl.Series("sell_part_idx", sell_part),
+        "buy_participant": parts[buy_part].alias("buy_participant"),
+        "sell_participant": parts[sell_part].alias("sell_participant"),
+        **{name: _date_series(name, d[regime]) for name, d in dates.items()},
+    }
+    return pl.DataFrame([columns[name] for name in ("seq", *_PER_TRADE)])
+
+
+def _date_series(name: str, days: np.ndarray) -> pl.Series:
+    """Days since 1970 as dates, null where negative (past a calendar's end)."""
+    out = pl.Series(name, days).cast(pl.Date)
+    return out if bool((days >= 0).all()) else out.scatter(np.flatnonzero(days < 0), None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -457,8 +468,8 @@ class Clear:
         on the row alone, so they run one window ahead in the reader thread."""
         if "validation_prepared" not in window.frames:
             return window
-        t = window.frames["validation_prepared"].filter(pl.col("reason0").is_null())
-        return window.add(clearing_prepared=_per_trade(ref, t.select(_INPUTS)))
+        return window.add(clearing_prepared=_per_trade(ref, passed_stateless(window.frames["validation_prepared"],
+                                                                             _INPUTS)))
 
     def process(self, window: Window, ctx: StageContext) -> Window:
         ref = ctx.refdata

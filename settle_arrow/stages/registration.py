@@ -25,6 +25,7 @@ import polars as pl
 
 from settle_arrow.refdata import RefData
 from settle_arrow.stages.base import StageContext, Window
+from settle_arrow.stages.validate import passed_stateless
 from settle_arrow.state import DAY0, DAY_BITS, holding_keys, stable_sort
 
 _EPOCH = datetime.date(1970, 1, 1)
@@ -47,7 +48,7 @@ class Register:
         the rows alone, so it runs one window ahead in the reader thread."""
         if "validation_prepared" not in window.frames:
             return window
-        t = window.frames["validation_prepared"].filter(pl.col("reason0").is_null())
+        t = passed_stateless(window.frames["validation_prepared"], ("seq", "buy_acct_idx", "sell_acct_idx", "sec_idx"))
         order, keys = stable_sort(_leg_keys(ref.n_sec, t))  # stable: input order kept within a key
         return window.add(registration_prepared=pl.DataFrame(
             {"seq": t["seq"].to_numpy()[order // 2], "side": (order % 2).astype(np.int8), "key": keys}
