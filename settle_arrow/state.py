@@ -56,10 +56,10 @@ assert len(MARKET_CODES) <= 1 << (64 - DAY_BITS - TRADE_ID_BITS), "market codes 
 SAMPLED_RUN_ROWS_MIN = 1 << 16
 SAMPLED_RUN_PROBE_RATIO = 128
 SAMPLE_STRIDE = 32
-# Freeze sizes (see SortedRuns): merges copy at most ~2x these many keys at any stream length.
-# _merge copies a new run that lands in at most this many blocks of the old one as slices
-# (one loop iteration per block and column: control plane), and scatters it otherwise.
+# _merge copies a new run that lands in at most this many blocks of the old one as
+# slices (one loop iteration per block and column: control plane), and scatters it otherwise.
 MERGE_BLOCKS_MAX = 32
+# Freeze sizes (see SortedRuns): merges copy at most ~2x these many keys at any stream length.
 SEEN_FROZEN_ROWS = 8_000_000  # 64 MB of keys per frozen run
 # 22 MB of keys and payload per frozen run. Each key is copied by about log2(freeze size /
 # window rows) merges before its run freezes, and only X rows probe `accepted`, so more,
@@ -403,8 +403,8 @@ def _merge(k1: np.ndarray, c1: dict[str, np.ndarray], k2: np.ndarray,
 
 def _merge_blocks(k1: np.ndarray, c1: dict[str, np.ndarray], k2: np.ndarray, c2: dict[str, np.ndarray],
                   at: np.ndarray, cuts: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """_merge when k2 is a few blocks of keys, block b landing in k1 at at[cuts[b - 1]]
-    (`at` = searchsorted(k1, k2); a block's keys share their place in k1)."""
+    """_merge when k2 is a few blocks of keys, each block's keys sharing one place in k1
+    (`at` = searchsorted(k1, k2); `cuts`: where in k2 that place changes)."""
     starts = np.concatenate(([0], cuts))
     ends = np.concatenate((cuts, [len(k2)]))
     places = at[starts]
