@@ -91,7 +91,7 @@ def _regimes(ref: RefData, sec_idx: np.ndarray, trade_date: pl.Series) -> tuple[
         keys, regime = np.unique(key, return_inverse=True)
     regimes = classes[keys // span].hstack([  # hstack: no query's fixed cost
         pl.Series("cls", keys // span, dtype=pl.Int64),
-        pl.Series("trade_date", (keys % span + day_min).astype(np.int32)).cast(pl.Date),
+        _dates("trade_date", keys % span + day_min),
     ])
     return regime, regimes
 
@@ -243,8 +243,8 @@ def _net_securities_packed(c: pl.DataFrame, ref: RefData) -> pl.DataFrame | None
     # Column by column, not by queries (see _cash_rows).
     return pl.DataFrame([
         ref.securities["market"][sec],
-        pl.Series("trade_date", day.astype(np.int32)).cast(pl.Date),
-        pl.Series("securities_settle_date", (day + offset).astype(np.int32)).cast(pl.Date),
+        _dates("trade_date", day),
+        _dates("securities_settle_date", day + offset),
         ref.participants["participant_id"][part],
         ref.securities["security_id"][sec],
         *groups,
@@ -289,7 +289,7 @@ def _obligations(c: pl.DataFrame, ref: RefData) -> tuple[pl.DataFrame, pl.DataFr
     pair_of_sec, pairs = ref.cash_pairs
     agg = _net_cash_dense(c, pair_of_sec, len(pairs), ref.participants.height)
     if agg is None:
-        agg = _net_cash_legs(c, pair_of_sec, len(pairs), ref.participants.height, _MONEY_COLS)
+        agg = _net_cash_legs(c, pair_of_sec, len(pairs), ref.participants.height)
     return sec, _cash_rows(agg, ref)
 
 
@@ -314,8 +314,8 @@ def _cash_rows(agg: pl.DataFrame, ref: RefData) -> pl.DataFrame:
     pair, part = pair[order], part[order]
     return pl.DataFrame([
         pairs["market"][pair],
-        pl.Series("trade_date", day[order]).cast(pl.Date),
-        pl.Series("cash_settle_date", settle_day[order]).cast(pl.Date),
+        _dates("trade_date", day[order]),
+        _dates("cash_settle_date", settle_day[order]),
         ref.participants["participant_id"][part],
         pairs["currency"][pair],
         *[money.money_series(c, agg[c].cast(pl.Int64).to_numpy()[order]) for c in _MONEY_COLS],
@@ -366,13 +366,11 @@ def _cash_key_columns(key: np.ndarray, day_min: int, radices: list[int]) -> list
     """trade_date, cash_settle_date, pair and part decoded from packed cash keys."""
     day, offset, pair, part = _unpacked(key, radices)
     day += day_min
-    return [pl.Series("trade_date", day.astype(np.int32)).cast(pl.Date),
-            pl.Series("cash_settle_date", (day + offset).astype(np.int32)).cast(pl.Date),
+    return [_dates("trade_date", day), _dates("cash_settle_date", day + offset),
             pl.Series("pair", pair.astype(np.uint32)), pl.Series("part", part)]
 
 
-def _net_cash_legs(c: pl.DataFrame, pair_of_sec: np.ndarray, n_pairs: int, n_parts: int,
-                   money_cols: list[str]) -> pl.DataFrame:
+def _net_cash_legs(c: pl.DataFrame, pair_of_sec: np.ndarray, n_pairs: int, n_parts: int) -> pl.DataFrame:
     """_net_cash_dense through a row per leg and a group-by, for any keys and sums."""
     zero = pl.lit(0, dtype=pl.Int64)
     cash_legs = []
@@ -393,8 +391,8 @@ def _net_cash_legs(c: pl.DataFrame, pair_of_sec: np.ndarray, n_pairs: int, n_par
     legs = pl.concat(cash_legs)
     legs = legs.with_columns(pl.Series("pair", pair_of_sec[legs["sec_idx"].to_numpy()], dtype=pl.UInt32))
     # int64 sums where none can leave int64 (the largest |amount| times the legs), else int128.
-    biggest = legs.select(pl.max_horizontal(pl.col(money_cols).abs().max())).item() if legs.height else 0
-    total = pl.col(money_cols) if biggest * legs.height < 1 << 63 else pl.col(money_cols).cast(pl.Int128)
+    biggest = legs.select(pl.max_horizontal(pl.col(_MONEY_COLS).abs().max())).item() if legs.height else 0
+    total = pl.col(_MONEY_COLS) if biggest * legs.height < 1 << 63 else pl.col(_MONEY_COLS).cast(pl.Int128)
     return _group_cash(legs, n_pairs, n_parts, total.sum())
 
 
@@ -447,14 +445,19 @@ def _per_trade(ref: RefData, t: pl.DataFrame) -> pl.DataFrame:
         "sell_part_idx": pl.Series("sell_part_idx", sell_part),
         "buy_participant": parts[buy_part].alias("buy_participant"),
         "sell_participant": parts[sell_part].alias("sell_participant"),
-        **{name: _date_series(name, d[regime]) for name, d in dates.items()},
+        **{name: _settle_dates_series(name, d[regime]) for name, d in dates.items()},
     }
     return pl.DataFrame([columns[name] for name in ("seq", *_PER_TRADE)])
 
 
-def _date_series(name: str, days: np.ndarray) -> pl.Series:
-    """Days since 1970 as dates, null where negative (past a calendar's end)."""
-    out = pl.Series(name, days).cast(pl.Date)
+def _dates(name: str, days: np.ndarray) -> pl.Series:
+    """Days since 1970 as a Date column."""
+    return pl.Series(name, np.asarray(days, dtype=np.int32)).cast(pl.Date)
+
+
+def _settle_dates_series(name: str, days: np.ndarray) -> pl.Series:
+    """_settle_dates' days as dates, null where -1 (past a calendar's end)."""
+    out = _dates(name, days)
     return out if bool((days >= 0).all()) else out.scatter(np.flatnonzero(days < 0), None)
 
 
