@@ -160,13 +160,11 @@ def trade_facts(cleared: pl.DataFrame, ref: RefData, dims: DimIds) -> pa.Table:
         **{c: money.money_array(cleared[c].to_numpy()) for c in FEE_COLS},
         "source_id": pa.array(np.repeat(run_ids, runs.struct.field("len").to_numpy()), type=pa.int32()),
     }
-    target = schema.STORAGE["trade_facts"]
+    target = pa.schema([f for f in schema.STORAGE["trade_facts"] if f.name != "window_id"])
     columns = []
     for field in target:
-        if field.name == "window_id":
-            continue
         column = built[field.name] if field.name in built else cleared[field.name].to_arrow()
         # trade_time comes as Polars' nanoseconds: a safe cast to microseconds (refuses a
         # sub-microsecond part, which the parser never lets through).
         columns.append(column if column.type == field.type else column.cast(field.type, safe=True))
-    return pa.Table.from_arrays(columns, schema=pa.schema([f for f in target if f.name != "window_id"]))
+    return pa.Table.from_arrays(columns, schema=target)
