@@ -260,6 +260,61 @@ def table_add(slot_values: np.ndarray, slots: np.ndarray, delta: np.ndarray) -> 
 
 
 @numba.njit(cache=True, nogil=True)
+def _key_runs(keys, delta, uniq, sums):  # noqa: ANN001, ANN202
+    g = -1
+    for i in range(keys.shape[0]):
+        if i == 0 or keys[i] != keys[i - 1]:
+            if i > 0 and keys[i] < keys[i - 1]:
+                raise ValueError("keys must be sorted ascending")
+            g += 1
+            uniq[g] = keys[i]
+            sums[g] = 0
+        sums[g] += delta[i]
+    return g + 1
+
+
+def key_runs(keys: np.ndarray, delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the key of each run of equal keys, the sum of its deltas) over sorted `keys`
+    (ValueError for unsorted ones). As numpy: starts = np.flatnonzero(np.r_[True, keys[1:]
+    != keys[:-1]]); keys[starts], np.add.reduceat(delta, starts): a comparison, a mask, two
+    gathers and a reduceat that each pass over the keys. int64 sums wrap as numpy's do."""
+    assert keys.dtype == delta.dtype == np.int64 and len(keys) == len(delta)
+    uniq, sums = np.empty(len(keys), dtype=np.int64), np.empty(len(keys), dtype=np.int64)
+    runs = _key_runs(keys, delta, uniq, sums)
+    return uniq[:runs], sums[:runs]
+
+
+@numba.njit(cache=True, nogil=True)
+def _running_positions(keys, delta, before, out):  # noqa: ANN001, ANN202
+    g = -1
+    position = 0
+    for i in range(keys.shape[0]):
+        if i == 0 or keys[i] != keys[i - 1]:
+            if i > 0 and keys[i] < keys[i - 1]:
+                raise ValueError("keys must be sorted ascending")
+            g += 1
+            if g == before.shape[0]:
+                raise ValueError("more runs than starting positions")
+            position = before[g]
+        position += delta[i]
+        out[i] = position
+    return g + 1
+
+
+def running_positions(keys: np.ndarray, delta: np.ndarray, before: np.ndarray) -> np.ndarray:
+    """The position after each entry of sorted `keys`: the run's starting position
+    (before[r] for the r-th run of equal keys) plus the deltas of the run up to and
+    including this entry (ValueError for unsorted keys or a count of runs other than
+    len(before)). As numpy: a cumsum of the deltas, less the cumsum at each run's
+    start, plus before repeated over each run (a repeat, two gathers and three passes)."""
+    assert keys.dtype == delta.dtype == before.dtype == np.int64 and len(keys) == len(delta)
+    out = np.empty(len(keys), dtype=np.int64)
+    if _running_positions(keys, delta, before, out) != len(before):
+        raise ValueError("fewer runs than starting positions")
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
 def _net_quantities(buy_group, sell_group, quantity, out):  # noqa: ANN001, ANN202
     for i in range(quantity.shape[0]):
         q = quantity[i]
@@ -381,6 +436,8 @@ def warm() -> None:
             gather_found(_flagged(np.zeros(1, dtype=dtype), writable), zeros, zeros, 0, np.zeros(1, dtype=dtype))
     for writable in (True, False):  # quantities and amounts straight from Polars are read-only
         values = _flagged(np.zeros(1, dtype=np.int64), writable)
+        key_runs(values, values)
+        running_positions(values, values, values)
         net_quantities(zeros, zeros, values, 1)
         net_cash(zeros, zeros, values, *(np.zeros((1, 1), dtype=np.int64),) * 2, 1)
     for key_type, empty in ((np.uint32, (1 << 32) - 1), (np.int64, -1)):  # holdings.HoldingsTable narrow, wide

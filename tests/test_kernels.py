@@ -16,9 +16,11 @@ from settle_arrow.kernels import (
     fees_fen,
     find_in_run,
     gather_found,
+    key_runs,
     net_cash,
     net_quantities,
     probe_slots,
+    running_positions,
 )
 
 U64_MAX = (1 << 64) - 1
@@ -265,3 +267,42 @@ def test_gather_found_refuses_positions_outside_the_column():
         gather_found(col, found, np.array([3]), 0, np.zeros(1, dtype=np.int64))
     with pytest.raises(IndexError, match="out of range"):
         gather_found(col, found, np.array([-1]), 0, np.zeros(1, dtype=np.int64))
+
+
+def _numpy_runs(keys: np.ndarray, delta: np.ndarray, before: np.ndarray) -> tuple[np.ndarray, ...]:
+    """key_runs and running_positions as registration computed them in numpy."""
+    if not len(keys):
+        return keys, delta, delta
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    csum = np.cumsum(delta)
+    group = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(keys)]))
+    offset = csum[starts] - delta[starts]
+    return keys[starts], np.add.reduceat(delta, starts), before[group] + csum - offset[group]
+
+
+@settings(max_examples=300, deadline=None)
+@given(keys=st.lists(st.integers(-(1 << 63), (1 << 63) - 1) | st.integers(0, 5), max_size=80), data=st.data())
+def test_key_runs_and_running_positions_are_their_numpy(keys, data):
+    """Runs of equal keys, any signed key, deltas and starting positions near int64's
+    limits (sums wrap as numpy's): the same runs, sums and positions as numpy's passes."""
+    k = np.array(sorted(keys), dtype=np.int64)
+    big = st.integers(-(1 << 62), 1 << 62)
+    delta = np.array(data.draw(st.lists(big, min_size=len(k), max_size=len(k))), dtype=np.int64)
+    uniq, sums = key_runs(k, delta)
+    before = np.array(data.draw(st.lists(big, min_size=len(uniq), max_size=len(uniq))), dtype=np.int64)
+    with np.errstate(over="ignore"):
+        want = _numpy_runs(k, delta, before)
+    got = (uniq, sums, running_positions(k, delta, before))
+    assert all(np.array_equal(g, w) and g.dtype == np.int64 for g, w in zip(got, want, strict=True))
+
+
+def test_key_runs_and_running_positions_refuse_what_they_cannot_answer():
+    one, unsorted = np.ones(2, dtype=np.int64), np.array([2, 1], dtype=np.int64)
+    with pytest.raises(ValueError, match="sorted"):
+        key_runs(unsorted, one)
+    with pytest.raises(ValueError, match="sorted"):
+        running_positions(unsorted, one, one)
+    with pytest.raises(ValueError, match="more runs"):
+        running_positions(np.array([1, 2], dtype=np.int64), one, one[:1])
+    with pytest.raises(ValueError, match="fewer runs"):
+        running_positions(np.array([1, 1], dtype=np.int64), one, one)

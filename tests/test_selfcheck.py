@@ -321,3 +321,19 @@ def test_whole_table_checks_name_each_broken_invariant(market, new_target):
             assert {p.split(":")[0] for p in storage.verify()} == set(broken)
     finally:
         storage.close()
+
+
+def test_holdings_conservation_names_each_unbalanced_security():
+    """The per-security sum is exact int64 arithmetic over a sparse security index: only the
+    securities whose deltas do not cancel are named, an empty window has nothing to name."""
+    from settle_arrow.checks import _unconserved
+
+    big = 9_000_000_000_000_000  # sums near int64's limit stay exact
+    delta = pl.DataFrame({
+        "acct_idx": [1, 2, 3, 4, 5, 6],
+        "sec_idx": pl.Series([7, 7, 1999, 1999, 3, 3], dtype=pl.Int32),
+        "quantity": [big, -big, 5, -4, 10, -10],
+    })
+    assert _unconserved(delta) == ["holdings not conserved: {'sec_idx': 1999, 'quantity': 1}"]
+    assert _unconserved(delta.filter(pl.col("sec_idx") != 1999)) == []
+    assert _unconserved(delta.clear()) == []
