@@ -328,12 +328,14 @@ def test_holdings_conservation_names_each_unbalanced_security():
     securities whose deltas do not cancel are named, an empty window has nothing to name."""
     from settle_arrow.checks import _unconserved
 
-    big = 9_000_000_000_000_000  # sums near int64's limit stay exact
+    big = (1 << 63) - 1  # int64's limit: exact, no float on the way
     delta = pl.DataFrame({
-        "acct_idx": [1, 2, 3, 4, 5, 6],
-        "sec_idx": pl.Series([7, 7, 1999, 1999, 3, 3], dtype=pl.Int32),
-        "quantity": [big, -big, 5, -4, 10, -10],
+        "acct_idx": [1, 2, 3, 4, 5, 6, 7],
+        "sec_idx": pl.Series([7, 7, 1999, 1999, 3, 3, 3], dtype=pl.Int32),
+        "quantity": [big, -big, 5, -4, 10, -10, -big],
     })
-    assert _unconserved(delta) == ["holdings not conserved: {'sec_idx': 1999, 'quantity': 1}"]
-    assert _unconserved(delta.filter(pl.col("sec_idx") != 1999)) == []
+    assert _unconserved(delta) == [
+        f"holdings not conserved: {{'sec_idx': 3, 'quantity': {-big}}}; {{'sec_idx': 1999, 'quantity': 1}}"
+    ]
+    assert _unconserved(delta.filter(~pl.col("sec_idx").is_in([3, 1999]))) == []
     assert _unconserved(delta.clear()) == []
