@@ -10,12 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from settle_arrow.engine import STAGES, _windows
 from settle_arrow.generate import MarketSpec, generate_market
 from settle_arrow.io.files import discover
 from settle_arrow.refdata import load_refdata
 from settle_arrow.stages.base import StageContext, Window
+from settle_arrow.stages.validate import _first_occurrence, _in_key_order
 from settle_arrow.state import EngineState
 
 OUTPUTS = ("accepted", "quarantine", "cleared", "obligations_securities_delta", "obligations_cash_delta",
@@ -61,3 +64,31 @@ def _contents(runs) -> np.ndarray:
     """Keys (and payload columns) of a state set in key order, as one 2-D array."""
     keys, cols = runs.items()
     return np.stack([keys.astype(np.int64), *[cols[c].astype(np.int64) for c in sorted(cols)]])
+
+
+@settings(max_examples=300, deadline=None)
+@given(keys=st.lists(st.one_of(st.integers(0, 6), st.integers(0, (1 << 64) - 1)), max_size=60),
+       data=st.data())
+def test_one_sort_of_the_window_keys_answers_first_occurrence_and_key_order(keys, data):
+    """Validation's single sort of the packed keys, whatever order it leaves equal keys in:
+    the first occurrence of each key among the packable rows is Polars' is_first_distinct
+    (rows that do not pack stay True), and any accepted rows come out in key order, or in
+    their own order (for the state to sort) when one of them did not pack."""
+    n = len(keys)
+    k = np.array(keys, dtype=np.uint64)
+    packable = np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=bool)
+    rows = np.flatnonzero(packable)
+    # Any order of equal keys: a stable sort of the keys with their rows shuffled first.
+    shuffled = rows[np.array(data.draw(st.permutations(range(len(rows)))), dtype=np.int64)] if len(rows) else rows
+    by_key = shuffled[np.argsort(k[shuffled], kind="stable")]
+    want = np.ones(n, dtype=bool)
+    want[packable] = pl.Series(k[packable]).is_first_distinct().to_numpy()
+    assert np.array_equal(_first_occurrence(k, by_key, n), want)
+
+    seq = np.array(sorted(data.draw(st.sets(st.integers(0, max(n - 1, 0)), max_size=n))) if n else [], dtype=np.int64)
+    at = _in_key_order(seq, by_key, n)
+    if packable[seq].all():
+        assert sorted(at.tolist()) == list(range(len(seq)))  # each accepted row once
+        assert (np.diff(k[seq][at].astype(object)) >= 0).all()  # in key order
+    else:
+        assert at == slice(None)

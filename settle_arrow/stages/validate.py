@@ -2,6 +2,9 @@
 
 Data model:
   in   frames["input"]: raw rows in input order, any column types, plus `source`, `source_row`
+  prepare  -> frames["validation_prepared"]: typed rows, reference ids, packed keys and
+           the stateless reason of each; frames["validation_by_key"]: the rows whose key
+           packs, in key order (equal keys in any order)
   out  frames["quarantine"]: original values as text + reason, detail, source, source_row
        frames["accepted"]: typed rows with dense ids (sec_idx, acct/unit ids), `sign` (+1 N,
        -1 X), `seq` (row position in the window) and `key` (packed trade key)
@@ -25,7 +28,7 @@ from settle_arrow import schema
 from settle_arrow.io.parse import coerce, to_text
 from settle_arrow.refdata import RefData
 from settle_arrow.stages.base import StageContext, Window
-from settle_arrow.state import ACCEPTED_PAYLOAD, ODD_KEY_SCHEMA, TRADE_ID_BITS, market_codes, pack_keys
+from settle_arrow.state import ACCEPTED_PAYLOAD, ODD_KEY_SCHEMA, TRADE_ID_BITS, argsort_keys, market_codes, pack_keys
 
 # Largest trade value the engine accepts, in milli-CNY (10^13 CNY): keeps amount x fee
 # rate products inside int64 (see stages/clearing.py) with a wide margin over any real trade.
@@ -118,10 +121,13 @@ class Validate:
         keys, packable = pack_keys(code, typed["trade_date"], typed["trade_id"])
         packable &= key_ok
         odd = key_ok & ~packable
-        # First occurrence in the window: packed keys for the common case, exact struct
-        # comparison only for the rare keys that do not pack.
-        first = np.ones(n, dtype=bool)
-        first[packable] = pl.Series(keys[packable]).is_first_distinct().to_numpy()
+        # One sort of the packed keys, here in the reader thread, serves the first-occurrence
+        # test and `process`, whose probe of the seen keys and inserts of new and accepted
+        # keys then need no sort of their own (three sorts of the processing thread's
+        # before). Exact struct comparison only for the rare keys that do not pack.
+        rows = np.flatnonzero(packable)
+        by_key = rows[argsort_keys(keys[rows])]
+        first = _first_occurrence(keys, by_key, n)
         if odd.any():
             first[odd] = (
                 typed.filter(pl.Series(odd)).select(pl.struct(list(ODD_KEY_SCHEMA)).is_first_distinct())
@@ -133,7 +139,7 @@ class Validate:
                 "buy_unit_idx": units[:n], "sell_unit_idx": units[n:],
                 "buy_acct_idx": accts[:n], "sell_acct_idx": accts[n:],
                 "business": _business_day(ref, code, typed["trade_date"]),
-                "key_ok": key_ok, "packable": packable, "odd": odd, "first": first,
+                "key_ok": key_ok, "odd": odd, "first": first,
                 "key": keys,
                 # N rows name no trade: a window of them packs nothing (~0.8 ms a 10,000-row window, measured).
                 "ref_key": pack_keys(code, typed["trade_date"], typed["ref_trade_id"])[0]
@@ -162,7 +168,8 @@ class Validate:
             .when(~pl.col("business"))
             .then(pl.lit("NOT_BUSINESS_DAY"))
         )
-        return window.add(validation_prepared=t.with_columns(reason.alias("reason0")))
+        return window.add(validation_prepared=t.with_columns(reason.alias("reason0")),
+                          validation_by_key=pl.DataFrame({"row": by_key}))
 
     def process(self, window: Window, ctx: StageContext) -> Window:
         if "validation_prepared" not in window.frames:  # prepare is an optimisation, never required
@@ -170,15 +177,16 @@ class Validate:
         raw = window.frames["input"]
         t = window.frames["validation_prepared"]
         state = ctx.state
-        keys, packable, odd = t["key"].to_numpy(), t["packable"].to_numpy(), t["odd"].to_numpy()
+        keys, odd = t["key"].to_numpy(), t["odd"].to_numpy()
         first = t["first"].to_numpy()
+        by_key = window.frames["validation_by_key"]["row"].to_numpy()  # the packable rows in key order
         # The usual window has no odd keys, no duplicate, no X row and nothing to quarantine:
         # each step below tests for its case with a Series or NumPy operation and leaves out
         # the queries it does not need (each eager Polars query costs ~0.1 ms whatever its
         # size; 10,000-row windows: 6.0-6.6 -> 2.3-2.6 ms a window, measured).
         odd_keys = t.filter(pl.Series(odd)).select(list(ODD_KEY_SCHEMA)) if odd.any() else _no_odd_keys()
         seen_before = np.zeros(t.height, dtype=bool)
-        seen_before[packable] = state.seen.contains(keys[packable])
+        seen_before[by_key] = state.seen.contains(keys[by_key])
         if odd_keys.height and state.odd_seen.height:
             seen_before[odd] = (
                 odd_keys.join(state.odd_seen.with_columns(pl.lit(True).alias("hit")), on=list(ODD_KEY_SCHEMA), how="left", maintain_order="left")["hit"]
@@ -205,7 +213,7 @@ class Validate:
         else:
             quarantine, accepted, sources = _no_quarantine(), t, raw[["source", "source_row"]]
         is_x = accepted["record_type"].eq_missing("X").to_numpy()
-        dropped = {"business", "key_ok", "packable", "odd", "first", "detail0", "reason0", "reason", "detail"}
+        dropped = {"business", "key_ok", "odd", "first", "detail0", "reason0", "reason", "detail"}
         accepted = accepted[[c for c in accepted.columns if c not in dropped and not c.endswith("__bad")]].hstack([
             pl.Series("sign", np.where(is_x, -1, 1).astype(np.int8)),
             *sources.get_columns(),
@@ -213,14 +221,15 @@ class Validate:
         accepted = accepted.replace_column(accepted.get_column_index("sec_idx"), accepted["sec_idx"].cast(pl.Int32))
         assert accepted.height + quarantine.height == raw.height, "validation lost rows"
 
-        new_keys = keys[packable & first & ~seen_before]
+        new_keys = keys[by_key[(first & ~seen_before)[by_key]]]  # sorted, and unique by `first`
         new_odd = odd_keys.filter(pl.Series(first[odd] & ~seen_before[odd])) if odd_keys.height else odd_keys
         if is_x.any():
             acc_n, acc_x = accepted.filter(pl.Series(~is_x)), accepted.filter(pl.Series(is_x))
         else:
             acc_n, acc_x = accepted, accepted.clear()
-        n_payload = {c: acc_n[c].to_numpy() for c in ACCEPTED_PAYLOAD}
-        n_keys = acc_n["key"].to_numpy()
+        n_at = _in_key_order(acc_n["seq"].to_numpy(), by_key, t.height)
+        n_payload = {c: acc_n[c].to_numpy()[n_at] for c in ACCEPTED_PAYLOAD}
+        n_keys = acc_n["key"].to_numpy()[n_at]
         x_refs = acc_x["ref_key"].to_numpy()
 
         def remember() -> None:
@@ -231,6 +240,30 @@ class Validate:
             state.cancelled.insert(x_refs)
 
         return window.add(effects=(remember,), quarantine=quarantine, accepted=accepted)
+
+
+def _first_occurrence(keys: np.ndarray, by_key: np.ndarray, n: int) -> np.ndarray:
+    """True at each row whose packed key no earlier row of the window has (rows outside
+    `by_key`, the packable rows in key order, are left True): the smallest row of each run
+    of equal keys, whatever order the sort left equal keys in."""
+    first = np.ones(n, dtype=bool)
+    k = keys[by_key]
+    starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]]) if len(k) else np.empty(0, dtype=np.int64)
+    if len(starts) < len(k):  # some key repeats (the usual window has none)
+        first[by_key] = False
+        first[np.minimum.reduceat(by_key, starts)] = True
+    return first
+
+
+def _in_key_order(seq: np.ndarray, by_key: np.ndarray, n: int) -> np.ndarray | slice:
+    """Positions that put rows `seq` (of a window of n rows) in key order: `by_key` (the
+    packable rows in key order) restricted to them; every position, unsorted, if some of
+    them did not pack (the state's insert then sorts them itself)."""
+    at = np.full(n, -1, dtype=np.int64)
+    at[seq] = np.arange(len(seq))
+    at = at[by_key]
+    at = at[at >= 0]
+    return at if len(at) == len(seq) else slice(None)
 
 
 @functools.cache
