@@ -123,8 +123,8 @@ class Validate:
         odd = key_ok & ~packable
         # One sort of the packed keys, here in the reader thread, serves the first-occurrence
         # test and `process`, whose probe of the seen keys and inserts of new and accepted
-        # keys then need no sort of their own (three sorts of the processing thread's
-        # before). Exact struct comparison only for the rare keys that do not pack.
+        # keys then need no sort of their own (three sorts on the processing thread before).
+        # Exact struct comparison only for the rare keys that do not pack.
         rows = np.flatnonzero(packable)
         by_key = rows[argsort_keys(keys[rows])]
         first = _first_occurrence(keys, by_key, n)
