@@ -234,7 +234,7 @@ def test_every_stored_type_round_trips_exactly(new_target):
                 storage._append("checkpoints", pa.Table.from_pylist(
                     [{"window_id": data.num_rows, "source": "s", "offset": 0, "rows": 0, "digest": ""}],
                     schema=schema.STORAGE["checkpoints"]))
-            else:
+            elif name not in storage.file_tables:  # a backend's file tables start empty
                 storage._execute(f"DELETE FROM {name}")
             storage._append(name, data)
             storage._commit()

@@ -73,10 +73,12 @@ def test_committed_windows_are_files_in_the_catalog(tmp_path):
         storage.commit_window(1, {"trade_facts": _facts(300)}, _checkpoint(300), ())
         storage.stage_window(2, {"trade_facts": _facts(200, 1000)})  # a window in two pieces
         storage.commit_window(2, {"trade_facts": _facts(100, 2000)}, _checkpoint(300), ())
-        catalog = storage.query("SELECT file, window_id_min, window_id_max, rows FROM segments ORDER BY file")
+        catalog = storage.query("SELECT file, window_id_min, window_id_max, rows FROM segments "
+                                "WHERE table_name = 'trade_facts' ORDER BY file")
+        files = storage.query("SELECT file FROM segments")["file"].to_pylist()
     finally:
         storage.close()
-    assert _segments(db) == sorted(catalog["file"].to_pylist())
+    assert _segments(db) == sorted(files)
     assert catalog["rows"].to_pylist() == [0, 300, 200, 100]  # the first, empty one: the view's types
     assert catalog["window_id_max"].to_pylist() == [0, 1, 2, 2]
     assert _count(db) == 600
@@ -100,7 +102,7 @@ def test_segment_files_carry_min_max_and_read_back_with_the_schemas_types(tmp_pa
         back = storage.query("SELECT * FROM trade_facts")
     finally:
         storage.close()
-    (name,) = [n for n in _segments(db) if not n.endswith("-000000000000-000000.parquet")]
+    (name,) = [n for n in _segments(db) if n.startswith("trade_facts-") and not n.startswith("trade_facts-000000000000-")]
     meta = pq.ParquetFile(Path(f"{db.resolve()}{SEGMENTS_DIR_SUFFIX}") / name).metadata
     stats = {meta.schema.column(i).name: meta.row_group(0).column(i).statistics for i in range(meta.num_columns)}
     assert set(stats) == set(FACTS.names)
@@ -162,6 +164,19 @@ def test_a_killed_windows_files_are_invisible_then_swept(tmp_path):
     assert _count(db) == 35
 
 
+def _counted_at_commit(monkeypatch, reader: DuckDBStorage, table: str) -> list[int]:
+    """The rows of `table` that `reader` sees as each later COMMIT starts (list filled then)."""
+    seen: list[int] = []
+    real = DuckDBStorage._commit
+
+    def commit(self: DuckDBStorage) -> None:
+        seen.append(reader.count(table))
+        real(self)
+
+    monkeypatch.setattr(DuckDBStorage, "_commit", commit)
+    return seen
+
+
 def test_a_window_stays_invisible_to_readers_until_its_commit(tmp_path, monkeypatch):
     """Just before COMMIT (segment file, catalog row, checkpoint and the views' bound all
     written) a reader beside the writer still sees the windows committed before."""
@@ -171,19 +186,75 @@ def test_a_window_stays_invisible_to_readers_until_its_commit(tmp_path, monkeypa
         storage.ensure_schema()
         storage.commit_window(1, {"trade_facts": _facts(30)}, _checkpoint(30), ())
         reader = storage.reader()  # a cursor of the writer's instance, as open_target is there
-        seen = []
-        real = DuckDBStorage._commit
-
-        def commit(self: DuckDBStorage) -> None:
-            seen.append(reader.count("trade_facts"))
-            real(self)
-
-        monkeypatch.setattr(DuckDBStorage, "_commit", commit)
+        seen = _counted_at_commit(monkeypatch, reader, "trade_facts")
         storage.commit_window(2, {"trade_facts": _facts(5, 100)}, _checkpoint(5), ())
         assert seen == [30] and reader.count("trade_facts") == 35
         reader.close()
     finally:
         storage.close()
+
+
+def _opening() -> pa.Table:
+    return pa.table({"acct_id": [1, 2, 3], "sec_id": [7, 7, 8], "quantity": [100, 50, 5]}, schema=schema.HOLDINGS_IDS)
+
+
+def _plain(db: Path, sql: str) -> list[tuple]:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def test_the_opening_is_a_file_shown_once_its_checkpoint_commits(tmp_path, monkeypatch):
+    """DuckDB keeps the opening holdings as a segment file too (FILE_TABLES): a failed
+    commit leaves neither rows nor a file, a reader beside the writer sees the rows only
+    after COMMIT, and a plain reader of the closed file reads them back exactly."""
+    db = tmp_path / "t.duckdb"
+    storage = open_storage(str(db))
+    try:
+        storage.ensure_schema()
+        empty = _segments(db)
+        monkeypatch.setattr(type(storage), "_put_meta", lambda self, values: (_ for _ in ()).throw(OSError("disk")))
+        with pytest.raises(OSError, match="disk"):
+            storage.init_opening(_opening(), "d" * 64, "f" * 64)
+        monkeypatch.undo()
+        assert _segments(db) == empty and storage.count("opening_holdings") == 0
+        reader = storage.reader()
+        seen = _counted_at_commit(monkeypatch, reader, "opening_holdings")
+        storage.init_opening(_opening(), "d" * 64, "f" * 64)
+        assert seen == [0] and reader.count("opening_holdings") == 3
+        reader.close()
+        (opening_file,) = [n for n in _segments(db) if n not in empty]
+        assert opening_file.startswith("opening_holdings-")
+    finally:
+        storage.close()
+    assert _plain(db, "SELECT acct_id, sec_id, quantity FROM opening_holdings ORDER BY acct_id") == [
+        (1, 7, 100), (2, 7, 50), (3, 8, 5)]
+    assert _plain(db, "SELECT COUNT(*) FROM holdings_ids") == [(3,)]
+
+
+def test_a_target_whose_opening_is_a_table_keeps_it(tmp_path):
+    """A TARGET made while the opening was a table (no view, no file) keeps writing it there."""
+    db = tmp_path / "t.duckdb"
+    storage = open_storage(str(db))
+    try:
+        storage.ensure_schema()
+        storage._begin()
+        storage._execute("DROP VIEW opening_holdings")
+        storage._execute("CREATE TABLE opening_holdings (acct_id INTEGER, sec_id INTEGER, quantity BIGINT)")
+        storage._execute("DELETE FROM segments WHERE table_name = 'opening_holdings'")
+        storage._commit()
+        files = _segments(db)
+        storage.init_opening(_opening(), "d" * 64, "f" * 64)
+        assert storage.count("opening_holdings") == 3 and _segments(db) == files  # no file written
+    finally:
+        storage.close()
+    open_storage(str(db)).close()  # the next writer sweeps the empty file no row names now
+    assert not any(n.startswith("opening_holdings-") for n in _segments(db))
+    assert _plain(db, "SELECT table_type FROM information_schema.tables WHERE table_name = 'opening_holdings'") == [
+        ("BASE TABLE",)]
+    assert _plain(db, "SELECT SUM(quantity) FROM holdings_ids") == [(155,)]
 
 
 def test_a_target_whose_views_predate_the_bound_macro(tmp_path):

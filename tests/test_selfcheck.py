@@ -278,7 +278,8 @@ def _tamper_trade_quantities(storage) -> None:
     """One more share on each N trade of the first window: an UPDATE where trade_facts is a
     table, a rewrite of that window's segment file where it is segments (DuckDB)."""
     if isinstance(storage, DuckDBStorage):
-        file = storage.query("SELECT file FROM segments WHERE rows > 0 ORDER BY window_id_min LIMIT 1")["file"][0]
+        file = storage.query("SELECT file FROM segments WHERE table_name = 'trade_facts' AND rows > 0 "
+                             "ORDER BY window_id_min LIMIT 1")["file"][0]
         path = storage._segments / file.as_py()
         table = pq.read_table(path)
         sign, quantity = table["sign"], table["quantity"]

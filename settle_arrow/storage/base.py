@@ -5,7 +5,7 @@ sql/views.sql; `meta` maps key -> value (schema_version, opening_digest).
 
 A backend implements five primitives (`_execute`, `_query`, `_append`, transactions,
 `close`) and a type map, and may refine two points: `_create_table` (DuckDB keeps the
-SEGMENTED tables as files) and `inline_snapshot_window`; everything else (DDL from
+tables of its `file_tables` as files) and `inline_snapshot_window`; everything else (DDL from
 schema.py, the window commit, exports, compaction, verification) is written once here, so
 both backends behave identically.
 
@@ -142,6 +142,9 @@ class Storage(abc.ABC):
     # read it from meta by a subquery (PostgreSQL: no DDL per snapshot, so no reader ever
     # waits on a view's lock).
     inline_snapshot_window = False
+    # Tables of schema.STORAGE whose rows the backend keeps outside its tables, as files
+    # (DuckDB: segments); their DDL comes after every other table's.
+    file_tables: tuple[str, ...] = ()
     # The window whose pieces stage_window appended in the transaction still open (None:
     # no transaction open across calls).
     _open_window: int | None = None
@@ -206,9 +209,9 @@ class Storage(abc.ABC):
 
     def _create_schema(self) -> None:
         """Tables, views and the schema_version row, inside the caller's transaction."""
-        # SEGMENTED tables last: a backend's view of one may read the others (DuckDB's reads
-        # checkpoints).
-        for name in sorted(schema.STORAGE, key=lambda n: n in schema.SEGMENTED):
+        # Tables kept as files last: a backend's view of one may read the others (DuckDB's
+        # reads checkpoints).
+        for name in sorted(schema.STORAGE, key=lambda n: n in self.file_tables):
             self._create_table(name, schema.STORAGE[name])
         window_sql = self._snapshot_window_sql()
         for stmt in statements("views.sql"):
