@@ -66,7 +66,8 @@ SEGMENT_SUFFIX = ".parquet"
 PARTIAL_SUFFIX = ".tmp"
 # The opening holdings too: ten million rows written once, at a TARGET's first start, where
 # DuckDB's compressed insert of them took 0.7-1.1 s of CPU against the Parquet file's 0.3
-# (a first start 0.3 s shorter, measured). TARGETs made before keep their table.
+# (a first start 0.2 s shorter, median of five pairs, measured). TARGETs made before keep
+# their table.
 FILE_TABLES = (*schema.SEGMENTED, "opening_holdings")
 
 
@@ -179,7 +180,7 @@ class DuckDBStorage(Storage):
             reader.close()
 
     def _append(self, table: str, data: pa.Table) -> None:
-        if table in schema.SEGMENTED or (table in FILE_TABLES and self._stored_view(table)):
+        if table in schema.SEGMENTED or (table in FILE_TABLES and self._stored_view(table) is not None):
             if "window_id" not in data.column_names:
                 # The opening's rows: the window its checkpoint takes (the first of the
                 # TARGET: max_window_id, as init_opening gives it), which commits after them.
@@ -239,12 +240,13 @@ class DuckDBStorage(Storage):
         self._execute(self._committed_macro(None))
         self._execute(self._segment_view(name, temporary=False))
 
-    def _stored_view(self, table: str) -> bool:
-        """Whether `table` is a view this TARGET stores (not a table, as FILE_TABLES beyond
-        schema.SEGMENTED are in TARGETs made before they were files)."""
-        return bool(self.con.execute(
-            "SELECT 1 FROM duckdb_views() WHERE view_name = ? AND NOT temporary AND database_name = current_database()",
-            [table]).fetchall())
+    def _stored_view(self, table: str) -> str | None:
+        """The DDL of the view `table` this TARGET stores; None where it stores none (or a
+        table: FILE_TABLES beyond schema.SEGMENTED are, in TARGETs made before they were files)."""
+        stored = self.con.execute(
+            "SELECT sql FROM duckdb_views() WHERE view_name = ? AND NOT temporary AND database_name = current_database()",
+            [table]).fetchall()
+        return stored[0][0] if stored else None
 
     def _write_segment(self, table: str, data: pa.Table, window_min: int, window_max: int) -> None:
         """One segment file and its catalog row, inside the open transaction."""
@@ -321,10 +323,8 @@ class DuckDBStorage(Storage):
         # re-makes the stored views (and the macro), a reader shadows them with its own
         # (temporary views take precedence, inside other views too).
         for table in FILE_TABLES:
-            stored = self.con.execute(
-                "SELECT sql FROM duckdb_views() WHERE view_name = ? AND NOT temporary "
-                "AND database_name = current_database()", [table]).fetchall()
-            if stored and not (self._segment_files(table) in stored[0][0] and COMMITTED_MACRO in stored[0][0]):
+            stored = self._stored_view(table)
+            if stored is not None and not (self._segment_files(table) in stored and COMMITTED_MACRO in stored):
                 if self.read_only:
                     self._execute(self._segment_view(table, temporary=True))
                 else:
