@@ -29,7 +29,7 @@ import polars as pl
 
 from settle_arrow import schema
 from settle_arrow.errors import UserError
-from settle_arrow.io.files import SourceError, read_frame
+from settle_arrow.io.files import SourceError, file_sha256, read_frame
 from settle_arrow.io.parse import ColumnTypeError, coerce
 from settle_arrow.state import holding_keys, sort_keys, stable_sort
 
@@ -345,12 +345,7 @@ def load_refdata(dir_url: str) -> RefData:
 
 
 def _file_sha256(url: str | None) -> str:
-    h = hashlib.sha256()
-    if url is not None:
-        with fsspec.open(url, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(url) if url is not None else hashlib.sha256().hexdigest()
 
 
 def _by_runs(frame: pl.DataFrame, cols: list[str], lookup: Callable[[pl.DataFrame], np.ndarray]) -> np.ndarray:

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 4  # 4: holdings_base (the opening is no snapshot copy)
+SCHEMA_VERSION = 5  # 4: holdings_base (the opening is no snapshot copy); 5: sources.sha256
+# Statements that bring a TARGET of an older schema version to the next (run in order, in
+# one transaction, by ensure_schema): versions without an entry are refused.
+MIGRATIONS = {4: ("ALTER TABLE sources ADD COLUMN sha256 VARCHAR",)}
 
 PRICE = pa.decimal128(12, 3)
 MONEY = pa.decimal128(18, 2)
@@ -337,6 +340,8 @@ STORAGE = {
             ("size_bytes", pa.int64()),
             ("rows_done", pa.int64()),
             ("window_id", pa.int64()),
+            # Of the file's bytes when first read; null in rows of TARGETs before version 5.
+            ("sha256", pa.string()),
         ]
     ),
     "self_checks": pa.schema(

@@ -17,6 +17,7 @@ import pytest
 from snapshots import TABLES, assert_same_tables, snapshot
 
 from settle_arrow import open_target, schema
+from settle_arrow.io.files import file_sha256
 from settle_arrow.storage import open_storage
 
 BIN = Path(sys.executable).parent / "settle-arrow"
@@ -275,6 +276,42 @@ def test_schema_version_mismatch(market, new_target):
     user_error(cli("status", "--db", db), pattern)
     user_error(_replay(market, db), pattern)
     user_error(cli("export", "trades", "--db", db, "--out", "/tmp/never.csv"), pattern)
+
+
+def test_schema_version_4_target_is_migrated(market, new_target):
+    """A TARGET of schema version 4 (sources without sha256) is read as it is, and its next
+    replay migrates it and records the sha256 of every file it names, with the tables a
+    replay into a fresh TARGET gives."""
+    files = sorted((market / "trades").glob("*.parquet"))
+    db = new_target("v4")
+    ok(_replay(market, db, "--window", 5000, paths=files[:1]))
+    w = open_storage(db)  # as schema version 4 left it
+    try:
+        w._begin()
+        w._execute("ALTER TABLE sources DROP COLUMN sha256")
+        w._put_meta({"schema_version": "4"})
+        w._commit()
+    finally:
+        w.close()
+
+    def stored() -> tuple[str, dict[str, str]]:
+        r = open_storage(db)
+        try:
+            cols = set(r.query("SELECT * FROM sources LIMIT 0").column_names)
+            sha = r.query("SELECT source, sha256 FROM sources").to_pylist() if "sha256" in cols else []
+            return r.meta()["schema_version"], {x["source"]: x["sha256"] for x in sha}
+        finally:
+            r.close()
+
+    assert json.loads(ok(cli("status", "--db", db, "--json")).stdout)["sources"]
+    assert stored() == ("4", {})
+    ok(_replay(market, db, "--window", 5000))
+    version, sha = stored()
+    assert version == str(schema.SCHEMA_VERSION)
+    assert {Path(s.removeprefix("file://")): d for s, d in sha.items()} == {f: file_sha256(str(f)) for f in files}
+    fresh = new_target("fresh")
+    ok(_replay(market, fresh, "--window", 5000))
+    assert_same_tables(snapshot(db), snapshot(fresh))
 
 
 PG_MISTAKES = {

@@ -135,6 +135,60 @@ def test_changed_file_is_refused(market, tmp_path, new_target):
     assert replay([str(copies[0])], ref, db).rows_read == 0
 
 
+def _same_size_edit(path: Path) -> None:
+    """Change one digit of the file's last data row: the same number of bytes, other content."""
+    body = path.read_bytes()
+    at = body.rstrip(b"\n").rfind(b"\n") + 1
+    digit = next(i for i in range(len(body) - 1, at, -1) if body[i:i + 1].isdigit())
+    path.write_bytes(body[:digit] + (b"1" if body[digit:digit + 1] != b"1" else b"2") + body[digit + 1:])
+
+
+def _as_csv(parquet: str, out: Path) -> Path:
+    pl.read_parquet(parquet).with_columns(pl.all().cast(pl.String)).write_csv(out)
+    return out
+
+
+@pytest.mark.parametrize("finished", [False, True], ids=["partly-replayed", "finished"])
+def test_same_size_changed_file_is_refused(market, tmp_path, new_target, finished):
+    """Another file of the same size under a replayed name (a corrected feed that changed
+    one digit) is refused by its bytes' sha256: its rows after the committed offset would
+    continue another file, and a finished one would hide the correction."""
+    files, ref = _files(market), str(market / "refdata")
+    csv = _as_csv(files[0], tmp_path / "day.csv")
+    db = new_target()
+    if finished:
+        replay([str(csv)], ref, db, window_rows=1000)
+    else:
+        _stop_after_rows(csv, ref, db, rows=2000)
+    before = snapshot(db)
+    size = csv.stat().st_size
+    _same_size_edit(csv)
+    assert csv.stat().st_size == size
+    with pytest.raises(UserError, match=r"changed since it was replayed .*same size, other bytes: sha256"):
+        replay([str(csv)], ref, db, window_rows=1000)
+    after = snapshot(db)
+    for name in before:
+        assert after[name].equals(before[name], null_equal=True), name
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after_rows(csv: Path, ref: str, db: str, rows: int) -> None:
+    """Replay `csv` into `db` until `rows` rows have committed, then stop, as an interrupted
+    run leaves a TARGET: windows committed, the rest of the file not read."""
+    def stop(rows_read: int, _windows: int) -> None:
+        if rows_read >= rows:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        replay([str(csv)], ref, db, window_rows=1000, on_window=stop)
+    with open_target(db) as t:
+        (progress,) = t.status().sources
+    assert 0 < progress["rows_done"] < pl.read_csv(csv).height
+
+
 # --- SIGKILL at any moment -------------------------------------------------------------
 
 HARNESS = textwrap.dedent(

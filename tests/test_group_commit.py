@@ -14,7 +14,7 @@ import pytest
 from settle_arrow import engine, open_target, pipeline, replay, schema
 from settle_arrow.engine import WindowTiming
 from settle_arrow.storage import open_storage
-from settle_arrow.storage.base import WindowMark
+from settle_arrow.storage.base import SourceOffset, WindowMark
 
 TABLES = [t for t in schema.OUTPUT if t != "checkpoints"]
 
@@ -29,7 +29,7 @@ def _quarantine(window_id: int, rows: int) -> pa.Table:
 
 def _mark(window_id: int, rows_done: int, source: str = "a.parquet") -> WindowMark:
     return WindowMark(window_id, {"source": source, "offset": rows_done, "rows": 2, "digest": str(window_id)},
-                      ((source, 100, rows_done),))
+                      (SourceOffset(source, 100, "ab" * 32, rows_done),))
 
 
 def test_windows_of_one_group_commit_together(new_target):
@@ -38,11 +38,12 @@ def test_windows_of_one_group_commit_together(new_target):
         storage.ensure_schema()
         rows = pa.concat_tables([_quarantine(1, 2), _quarantine(2, 3), _quarantine(3, 1)])
         marks = [_mark(1, 2), _mark(2, 4), WindowMark(3, _mark(3, 1, "b.parquet").checkpoint,
-                                                         (("a.parquet", 100, 6), ("b.parquet", 50, 1)))]
+                                                         (SourceOffset("a.parquet", 100, "ab" * 32, 6),
+                                                          SourceOffset("b.parquet", 50, None, 1)))]
         storage.commit_windows(marks, {"quarantine": rows})
         cps = storage.query('SELECT window_id, "offset", committed_at FROM checkpoints ORDER BY window_id')
         per_window = storage.query("SELECT window_id, COUNT(*) AS n FROM quarantine GROUP BY 1 ORDER BY 1")
-        sources = storage.query("SELECT source, rows_done, window_id FROM sources ORDER BY source")
+        sources = storage.query("SELECT source, sha256, rows_done, window_id FROM sources ORDER BY source")
     finally:
         storage.close()
     assert cps["window_id"].to_pylist() == [1, 2, 3]
@@ -50,8 +51,8 @@ def test_windows_of_one_group_commit_together(new_target):
     assert len(set(cps["committed_at"].to_pylist())) == 1, "one transaction, one commit time"
     assert per_window.to_pylist() == [{"window_id": 1, "n": 2}, {"window_id": 2, "n": 3}, {"window_id": 3, "n": 1}]
     # Each source as the group's last window that read it left it.
-    assert sources.to_pylist() == [{"source": "a.parquet", "rows_done": 6, "window_id": 3},
-                                   {"source": "b.parquet", "rows_done": 1, "window_id": 3}]
+    assert sources.to_pylist() == [{"source": "a.parquet", "sha256": "ab" * 32, "rows_done": 6, "window_id": 3},
+                                   {"source": "b.parquet", "sha256": None, "rows_done": 1, "window_id": 3}]
 
 
 def test_a_failed_group_commits_none_of_its_windows(new_target, monkeypatch):
@@ -73,7 +74,7 @@ def test_a_failed_group_commits_none_of_its_windows(new_target, monkeypatch):
         monkeypatch.undo()
         assert storage.max_window_id() == 1
         assert storage.count("quarantine") == 2
-        assert storage.source_progress() == {"a.parquet": (100, 2)}
+        assert storage.source_progress() == {"a.parquet": SourceOffset("a.parquet", 100, "ab" * 32, 2)}
         # and the TARGET takes the same windows again
         storage.commit_windows([_mark(2, 4), _mark(3, 6)],
                                {"quarantine": pa.concat_tables([_quarantine(2, 2), _quarantine(3, 2)])})

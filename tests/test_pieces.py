@@ -49,7 +49,7 @@ def test_pieces_cover_the_input_and_end_windows(files, window, piece):
     assert sizes == expect
     last = pieces[-1]
     assert (last.last_source, last.last_offset) == (files[-1].url, 64)
-    assert {u: r for u, _, r in last.progress}[files[-1].url] == 64
+    assert {o.source: o.rows_done for o in last.progress}[files[-1].url] == 64
     # Every file appears in the progress of the window that read it, the empty one included.
-    seen = {u for p in pieces if p.final for u, _, _ in p.progress}
+    seen = {o.source for p in pieces if p.final for o in p.progress}
     assert seen == {f.url for f in files}

@@ -1,7 +1,9 @@
 """Input discovery and streaming reads over fsspec: paths, URLs, globs, directories.
 
-Data model: a user's PATH arguments -> an ordered tuple of `SourceFile(url, fmt, size_bytes)`;
-each file -> a stream of frames (or `pa.RecordBatch`es) in file order, starting at a row offset.
+Data model: a user's PATH arguments -> an ordered tuple of `SourceFile(url, fmt, size_bytes,
+sha256)` (sha256 of the file's bytes: None from `discover`, filled by `with_sha256` where a
+replay records which version of the file it read); each file -> a stream of frames (or
+`pa.RecordBatch`es) in file order, starting at a row offset.
 
 Invariants:
   * files of a directory or glob are taken in name order; arguments keep their order.
@@ -14,7 +16,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
 import polars as pl
@@ -31,6 +35,10 @@ READ_BATCH_ROWS = 65_536
 # Rows of a local Parquet file read_frames decodes at a time: smaller slices cost more per
 # row (100,000 trades: 27 ms CPU in slices of 65,536 rows, 14.6 ms in slices of 262,144).
 PARQUET_SLICE_ROWS = 262_144
+HASH_CHUNK_BYTES = 1 << 22
+# Files hashed at once: hashlib and file reads release the GIL, so two threads keep both
+# cores busy (5 M trades, 87 MB in five files: ~50 ms of CPU, sha256 at ~1.8 GB/s here).
+HASH_THREADS = 2
 
 
 # A file that is not what its extension says (garbage, not UTF-8, broken CSV) fails with these.
@@ -50,6 +58,7 @@ class SourceFile:
     url: str
     fmt: str
     size_bytes: int
+    sha256: str | None = None
 
 
 def _format_of(path: str) -> str | None:
@@ -93,6 +102,26 @@ def discover(paths: list[str] | tuple[str, ...]) -> tuple[SourceFile, ...]:
     if dupes:
         raise SourceError(f"input file given twice: {sorted(dupes)[0]}")
     return tuple(found)
+
+
+def file_sha256(url: str) -> str:
+    """sha256 of the bytes of the file at `url` (hex)."""
+    h = hashlib.sha256()
+    try:
+        with fsspec.open(url, "rb") as f:
+            while chunk := f.read(HASH_CHUNK_BYTES):
+                h.update(chunk)
+    except OSError as exc:
+        raise SourceError(f"cannot read {url}: {_first_line(exc)}") from None
+    return h.hexdigest()
+
+
+def with_sha256(sources: tuple[SourceFile, ...]) -> tuple[SourceFile, ...]:
+    """`sources` with the sha256 of each file's bytes: a replay records it beside the rows
+    it has read, so a resume can tell the same file from another one of the same size."""
+    with ThreadPoolExecutor(max_workers=HASH_THREADS, thread_name_prefix="settle-hash") as pool:
+        digests = list(pool.map(file_sha256, [s.url for s in sources]))
+    return tuple(dataclasses.replace(s, sha256=d) for s, d in zip(sources, digests, strict=True))
 
 
 def _csv_header(handle) -> list[str]:

@@ -24,6 +24,7 @@ import datetime
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -119,20 +120,43 @@ class KeptRun:
     covered_window: int
 
 
+def _migration(version: str | None) -> tuple[str, ...] | None:
+    """The statements that bring a TARGET of schema `version` to SCHEMA_VERSION (none when
+    it is current); None when no chain of schema.MIGRATIONS leads there."""
+    if version is None or not version.isdigit():
+        return None
+    steps: list[str] = []
+    at = int(version)
+    while at < schema.SCHEMA_VERSION and at in schema.MIGRATIONS:
+        steps += schema.MIGRATIONS[at]
+        at += 1
+    return tuple(steps) if at == schema.SCHEMA_VERSION else None
+
+
+class SourceOffset(NamedTuple):
+    """How far one input file has been committed, and which file it was: its size and the
+    sha256 of its bytes (None in rows of TARGETs written before schema version 5)."""
+
+    source: str
+    size_bytes: int
+    sha256: str | None
+    rows_done: int
+
+
 @dataclasses.dataclass(frozen=True)
 class WindowMark:
     """What commits with a window beside its rows: its checkpoint row (less window_id and
-    committed_at), its sources' offsets (source, size_bytes, rows_done) and the state runs
-    kept since the last commit."""
+    committed_at), its sources' offsets and the state runs kept since the last commit."""
 
     window_id: int
     checkpoint: Mapping[str, object]
-    sources: tuple[tuple[str, int, int], ...] = ()
+    sources: tuple[SourceOffset, ...] = ()
     state_runs: tuple[KeptRun, ...] = ()
 
 
 class Storage(abc.ABC):
     url: str
+    read_only: bool
     # A directory where the engine's frozen state runs stay as files the commits catalogue
     # (schema.STATE_RUNS), or None where the backend keeps none (recovery then rebuilds
     # them from the history).
@@ -193,11 +217,24 @@ class Storage(abc.ABC):
         existing = self._table_names()
         if "meta" in existing:
             version = self.meta().get("schema_version")
-            if version != str(schema.SCHEMA_VERSION):
+            steps = _migration(version)
+            if steps is None:
                 raise TargetError(
                     f"{self.url} was written by schema version {version}; this settle_arrow "
                     f"uses {schema.SCHEMA_VERSION}"
                 )
+            # A reader of an older TARGET reads it as it is (no migration adds what a read
+            # needs); its next writer migrates it.
+            if steps and not self.read_only:
+                self._begin()
+                try:
+                    for stmt in steps:
+                        self._execute(stmt)
+                    self._put_meta({"schema_version": str(schema.SCHEMA_VERSION)})
+                    self._commit()
+                except BaseException:
+                    self._rollback()
+                    raise
             return
         self._begin()
         try:
@@ -282,10 +319,10 @@ class Storage(abc.ABC):
         v = self._query("SELECT MAX(window_id) AS w FROM checkpoints")["w"][0].as_py()
         return int(v or 0)
 
-    def source_progress(self) -> dict[str, tuple[int, int]]:
-        """source url -> (size_bytes, rows_done)."""
-        t = self._query("SELECT source, size_bytes, rows_done FROM sources")
-        return {s: (z, r) for s, z, r in zip(*(t[c].to_pylist() for c in ("source", "size_bytes", "rows_done")), strict=True)}
+    def source_progress(self) -> dict[str, SourceOffset]:
+        """source url -> its committed offset."""
+        t = self._query("SELECT source, size_bytes, sha256, rows_done FROM sources")
+        return {row[0]: SourceOffset(*row) for row in zip(*(t[c].to_pylist() for c in SourceOffset._fields), strict=True)}
 
     # --- writes -------------------------------------------------------------------
     def stage_window(self, window_id: int, appends: Mapping[str, pa.Table]) -> None:
@@ -321,7 +358,7 @@ class Storage(abc.ABC):
         window_id: int,
         appends: Mapping[str, pa.Table],
         checkpoint: Mapping[str, object],
-        sources: Iterable[tuple[str, int, int]],
+        sources: Iterable[SourceOffset],
         meta: Mapping[str, str] | None = None,
         extra: Mapping[str, pa.Table] | None = None,
         statements: tuple[str, ...] = (),
@@ -367,12 +404,12 @@ class Storage(abc.ABC):
                 if mark.state_runs:
                     self._put_state_runs(mark.window_id, mark.state_runs)
             # Each source's row as of the last window that read it.
-            offsets = {src: (size, rows_done, mark.window_id) for mark in marks for src, size, rows_done in mark.sources}
-            for src, (size, rows_done, window_id) in offsets.items():
+            offsets = {o.source: (o, mark.window_id) for mark in marks for o in mark.sources}
+            for src, (o, window_id) in offsets.items():
                 # Plain statements: an Arrow insert of one row costs DuckDB twice as much.
                 self._execute("DELETE FROM sources WHERE source = ?", (src,))
-                self._execute("INSERT INTO sources (source, size_bytes, rows_done, window_id) VALUES (?, ?, ?, ?)",
-                              (src, int(size), int(rows_done), int(window_id)))
+                self._execute("INSERT INTO sources (source, size_bytes, sha256, rows_done, window_id) "
+                              "VALUES (?, ?, ?, ?, ?)", (src, int(o.size_bytes), o.sha256, int(o.rows_done), int(window_id)))
             self._put_meta(meta or {})
             now = datetime.datetime.now(datetime.UTC)
             rows = [dict(m.checkpoint, window_id=m.window_id, committed_at=now) for m in marks]
