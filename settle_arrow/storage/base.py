@@ -1,7 +1,10 @@
 """The storage adapter: one interface, backends as small plugins (DuckDB, PostgreSQL).
 
 Data model: a TARGET holds the physical tables of schema.STORAGE plus the views of
-sql/views.sql; `meta` maps key -> value (schema_version, opening_digest).
+sql/views.sql; `meta` maps key -> value (schema_version, opening_digest); `sources` maps
+an input file's url -> how far it has been committed and which file that was (size,
+sha256 of its bytes). A TARGET of an older schema version is brought up by its next
+writer through schema.MIGRATIONS; readers read it as it is.
 
 A backend implements five primitives (`_execute`, `_query`, `_append`, transactions,
 `close`) and a type map, and may refine two points: `_create_table` (DuckDB keeps the
