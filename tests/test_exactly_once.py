@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from snapshots import RESULT_TABLES, assert_same_tables, snapshot
 
-from settle_arrow import UserError, open_target, replay
+from settle_arrow import UserError, engine, open_target, pipeline, replay
 from settle_arrow.generate import MarketSpec, generate_market
 
 SEED = 20250616
@@ -149,7 +149,7 @@ def _as_csv(parquet: str, out: Path) -> Path:
 
 
 @pytest.mark.parametrize("finished", [False, True], ids=["partly-replayed", "finished"])
-def test_same_size_changed_file_is_refused(market, tmp_path, new_target, finished):
+def test_same_size_changed_file_is_refused(market, tmp_path, new_target, finished, monkeypatch):
     """Another file of the same size under a replayed name (a corrected feed that changed
     one digit) is refused by its bytes' sha256: its rows after the committed offset would
     continue another file, and a finished one would hide the correction."""
@@ -159,7 +159,7 @@ def test_same_size_changed_file_is_refused(market, tmp_path, new_target, finishe
     if finished:
         replay([str(csv)], ref, db, window_rows=1000)
     else:
-        _stop_after_rows(csv, ref, db, rows=2000)
+        _stop_after_rows(csv, ref, db, monkeypatch)
     before = snapshot(db)
     size = csv.stat().st_size
     _same_size_edit(csv)
@@ -175,18 +175,22 @@ class _Stop(Exception):
     pass
 
 
-def _stop_after_rows(csv: Path, ref: str, db: str, rows: int) -> None:
-    """Replay `csv` into `db` until `rows` rows have committed, then stop, as an interrupted
-    run leaves a TARGET: windows committed, the rest of the file not read."""
+def _stop_after_rows(csv: Path, ref: str, db: str, monkeypatch) -> None:
+    """Replay `csv` into `db` and stop after its first commit, as an interrupted run leaves
+    a TARGET: windows committed, the rest of the file not read. The commit lane counts as
+    busy, so every group holds COMMIT_GROUP_WINDOWS_MAX windows whatever the machine's
+    load, and the callback stops the run before the second group is handed over."""
+    monkeypatch.setattr(pipeline.CommitLane, "busy", lambda self: True)
+
     def stop(rows_read: int, _windows: int) -> None:
-        if rows_read >= rows:
-            raise _Stop
+        raise _Stop
 
     with pytest.raises(_Stop):
-        replay([str(csv)], ref, db, window_rows=1000, on_window=stop)
+        replay([str(csv)], ref, db, window_rows=100, on_window=stop)
+    monkeypatch.undo()
     with open_target(db) as t:
         (progress,) = t.status().sources
-    assert 0 < progress["rows_done"] < pl.read_csv(csv).height
+    assert progress["rows_done"] == 100 * engine.COMMIT_GROUP_WINDOWS_MAX < pl.read_csv(csv).height
 
 
 # --- SIGKILL at any moment -------------------------------------------------------------
