@@ -105,9 +105,10 @@ class HoldingsTable:
         after which the table is not to be used)."""
         keys = self._checked(keys)
         self.version += 1
-        self._insert(keys, np.asarray(quantity, dtype=np.int64), np.full(len(keys), -1, dtype=np.int64))
+        self._insert(keys, np.asarray(quantity, dtype=np.int64), None)
 
-    def _insert(self, keys: np.ndarray, quantity: np.ndarray, start: np.ndarray) -> None:
+    def _insert(self, keys: np.ndarray, quantity: np.ndarray, start: np.ndarray | None) -> None:
+        """table_insert with room made first; `start` as table_insert's (None: from home)."""
         from settle_arrow.kernels import table_insert
 
         if not len(keys):
@@ -116,7 +117,7 @@ class HoldingsTable:
         if wide or self._count + len(keys) > LOAD_MAX * self.capacity:
             # Slots move, so the free slots found before (start) no longer hold.
             self._rehash(self._count + len(keys), np.int64 if wide else self._keys.dtype)
-            start = np.full(len(keys), -1, dtype=np.int64)
+            start = None
         table_insert(self._keys, self._quantity, self._empty, keys, quantity, start)
         self._count += len(keys)
 
@@ -137,7 +138,7 @@ class HoldingsTable:
         self._keys = self._quantity = None  # type: ignore[assignment]
         self._keys = np.full(capacity, self._empty, dtype=key_type)
         self._quantity = np.zeros(capacity, dtype=np.int64)
-        table_insert(self._keys, self._quantity, self._empty, keys, quantity, np.full(len(keys), -1, dtype=np.int64))
+        table_insert(self._keys, self._quantity, self._empty, keys, quantity)
         assert int((self._keys != self._empty).sum()) == self._count, "a rehash lost or duplicated a position"
 
     @staticmethod

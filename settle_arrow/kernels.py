@@ -205,9 +205,10 @@ def table_find(slot_keys: np.ndarray, slot_values: np.ndarray, empty: int, keys:
 @numba.njit(cache=True, nogil=True)
 def _table_insert(slot_keys, slot_values, empty, keys, values, start):  # noqa: ANN001, ANN202
     cap = slot_keys.shape[0]
+    from_home = start.shape[0] == 0
     for i in range(keys.shape[0]):
         k = keys[i]
-        s = start[i] if start[i] >= 0 else _home(k, cap)
+        s = _home(k, cap) if from_home or start[i] < 0 else start[i]
         while True:
             t = np.int64(slot_keys[s])
             if t == empty:
@@ -222,15 +223,18 @@ def _table_insert(slot_keys, slot_values, empty, keys, values, start):  # noqa: 
 
 
 def table_insert(slot_keys: np.ndarray, slot_values: np.ndarray, empty: int, keys: np.ndarray, values: np.ndarray,
-                 start: np.ndarray) -> None:
+                 start: np.ndarray | None = None) -> None:
     """Put absent, distinct `keys` with their `values` into the table table_find reads
     (as Python: d[key] = value for keys not in d; ValueError for a key present). Each
     probe starts at start[i] where >= 0 (a free slot table_find ended on for that key: the
-    slots from its home to there hold other keys, as they still do), else at its home.
-    Keys int64, or uint32 as a narrow table holds them (a rehash moves them so).
-    The caller leaves room: at least one slot stays free."""
-    assert keys.dtype in (np.int64, np.uint32) and len(keys) == len(values) == len(start) and start.dtype == np.int64
-    assert len(slot_keys) == len(slot_values) and 0 < len(slot_keys) < 1 << 32
+    slots from its home to there hold other keys, as they still do), else at its home;
+    every probe at its home where `start` is None (an insert of ten million opening
+    positions then fills no 80 MB array of -1 first). Keys int64, or uint32 as a narrow
+    table holds them (a rehash moves them so). The caller leaves room: at least one slot
+    stays free."""
+    start = np.empty(0, dtype=np.int64) if start is None else start  # empty: from home (_table_insert)
+    assert keys.dtype in (np.int64, np.uint32) and len(keys) == len(values) and start.dtype == np.int64
+    assert len(start) in (0, len(keys)) and len(slot_keys) == len(slot_values) and 0 < len(slot_keys) < 1 << 32
     if len(keys):
         _table_insert(slot_keys, slot_values, empty, keys, values, start)
 
@@ -387,6 +391,24 @@ def net_cash(buy_group: np.ndarray, sell_group: np.ndarray, amount: np.ndarray, 
 
 
 @numba.njit(cache=True, nogil=True)
+def _pairs_sorted(major, minor):  # noqa: ANN001, ANN202
+    for i in range(1, major.shape[0]):
+        if major[i] < major[i - 1] or (major[i] == major[i - 1] and minor[i] < minor[i - 1]):
+            return False
+    return True
+
+
+def pairs_sorted(major: np.ndarray, minor: np.ndarray) -> bool:
+    """Whether the rows (major[i], minor[i]) come in ascending order. As numpy:
+    ((np.diff(major) > 0) | ((np.diff(major) == 0) & (np.diff(minor) >= 0))).all(), whose
+    differences and masks are five temporaries (ten million int32 rows: ~130 MB of fresh
+    memory and 0.03-0.1 s, twice a start) where this reads each row once and stops at the
+    first row out of order. int32 columns, as holdings' dimension ids are."""
+    assert major.dtype == minor.dtype == np.int32 and len(major) == len(minor)
+    return bool(_pairs_sorted(major, minor))
+
+
+@numba.njit(cache=True, nogil=True)
 def _in_column(p, n):  # noqa: ANN001, ANN202
     if p < 0 or p >= n:
         raise IndexError("position out of range")
@@ -440,6 +462,9 @@ def warm() -> None:
         running_positions(values, values, values)
         net_quantities(zeros, zeros, values, 1)
         net_cash(zeros, zeros, values, *(np.zeros((1, 1), dtype=np.int64),) * 2, 1)
+    for writable in (True, False):  # holdings' dimension ids, from Polars or Arrow (read-only)
+        ids = _flagged(np.zeros(2, dtype=np.int32), writable)
+        pairs_sorted(ids, ids)
     for key_type, empty in ((np.uint32, (1 << 32) - 1), (np.int64, -1)):  # holdings.HoldingsTable narrow, wide
         for keys_writable in (True, False):  # probes, and opening quantities, may come from Polars read-only
             keys = _flagged(np.zeros(1, dtype=np.int64), keys_writable)

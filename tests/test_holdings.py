@@ -25,8 +25,9 @@ wide_keys = st.one_of(narrow_keys, st.integers(UINT32_EMPTY, (1 << 63) - 1))
 @settings(max_examples=300, deadline=None)
 @given(data=st.data(), wide=st.booleans(), spare=st.integers(1, 8))
 def test_table_kernels_behave_as_a_dict(data, wide, spare):
-    """table_insert then table_find equal d[key] = value then d.get(key, 0); a probe of an
-    absent key ends on a free slot, from which its insert lands there."""
+    """table_insert then table_find equal d[key] = value then d.get(key, 0), whether every
+    probe starts at its home by start=None or by start=-1; a probe of an absent key ends on
+    a free slot, from which its insert lands there."""
     keys = data.draw(st.lists(wide_keys if wide else narrow_keys, unique=True, max_size=40))
     empty, key_type = (INT64_EMPTY, np.int64) if wide else (UINT32_EMPTY, np.uint32)
     slot_keys = np.full(len(keys) + spare, empty, dtype=key_type)
@@ -34,8 +35,8 @@ def test_table_kernels_behave_as_a_dict(data, wide, spare):
     cut = data.draw(st.integers(0, len(keys)))
     held = {k: data.draw(st.integers(-(1 << 62), 1 << 62)) for k in keys[:cut]}
     put = np.array(list(held), dtype=np.int64)
-    table_insert(slot_keys, slot_values, empty, put, np.array(list(held.values()), dtype=np.int64),
-                 np.full(len(put), -1, dtype=np.int64))
+    from_home = None if data.draw(st.booleans()) else np.full(len(put), -1, dtype=np.int64)
+    table_insert(slot_keys, slot_values, empty, put, np.array(list(held.values()), dtype=np.int64), from_home)
     probe = np.array(keys, dtype=np.int64)
     slots, values = table_find(slot_keys, slot_values, empty, probe)
     assert values.tolist() == [held.get(k, 0) for k in keys]
@@ -54,8 +55,7 @@ def test_table_kernels_behave_as_a_dict(data, wide, spare):
     assert values.tolist() == [held[k] for k in keys]
     if keys:
         with pytest.raises(ValueError, match="already"):
-            table_insert(slot_keys, slot_values, empty, probe[:1], np.zeros(1, dtype=np.int64),
-                         np.full(1, -1, dtype=np.int64))
+            table_insert(slot_keys, slot_values, empty, probe[:1], np.zeros(1, dtype=np.int64))
 
 
 @settings(max_examples=300, deadline=None)

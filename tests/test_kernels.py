@@ -19,6 +19,7 @@ from settle_arrow.kernels import (
     key_runs,
     net_cash,
     net_quantities,
+    pairs_sorted,
     probe_slots,
     running_positions,
 )
@@ -306,3 +307,19 @@ def test_key_runs_and_running_positions_refuse_what_they_cannot_answer():
         running_positions(np.array([1, 2], dtype=np.int64), one, one[:1])
     with pytest.raises(ValueError, match="fewer runs"):
         running_positions(np.array([1, 1], dtype=np.int64), one, one)
+
+
+@settings(max_examples=300, deadline=None)
+@given(rows=st.lists(st.tuples(st.integers(0, 3), st.integers(-(1 << 31), (1 << 31) - 1)), max_size=30),
+       sort=st.booleans())
+def test_pairs_sorted_is_the_neighbour_comparison(rows, sort):
+    """pairs_sorted equals numpy's comparison of neighbours' differences (in int64, so the
+    extremes of int32 cannot wrap), sorted rows or not, equal rows or not; int32 only."""
+    rows = sorted(rows) if sort else rows
+    major = np.array([r[0] for r in rows], dtype=np.int32)
+    minor = np.array([r[1] for r in rows], dtype=np.int32)
+    step_major, step_minor = np.diff(major.astype(np.int64)), np.diff(minor.astype(np.int64))
+    assert pairs_sorted(major, minor) == bool(((step_major > 0) | ((step_major == 0) & (step_minor >= 0))).all())
+    assert pairs_sorted(major, minor) == (rows == sorted(rows))
+    with pytest.raises(AssertionError):
+        pairs_sorted(major.astype(np.int64), minor.astype(np.int64))
