@@ -35,8 +35,8 @@ def test_table_kernels_behave_as_a_dict(data, wide, spare):
     cut = data.draw(st.integers(0, len(keys)))
     held = {k: data.draw(st.integers(-(1 << 62), 1 << 62)) for k in keys[:cut]}
     put = np.array(list(held), dtype=np.int64)
-    from_home = None if data.draw(st.booleans()) else np.full(len(put), -1, dtype=np.int64)
-    table_insert(slot_keys, slot_values, empty, put, np.array(list(held.values()), dtype=np.int64), from_home)
+    start = None if data.draw(st.booleans()) else np.full(len(put), -1, dtype=np.int64)
+    table_insert(slot_keys, slot_values, empty, put, np.array(list(held.values()), dtype=np.int64), start)
     probe = np.array(keys, dtype=np.int64)
     slots, values = table_find(slot_keys, slot_values, empty, probe)
     assert values.tolist() == [held.get(k, 0) for k in keys]
