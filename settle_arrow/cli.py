@@ -107,6 +107,8 @@ def replay_cmd(
     window: Annotated[int, typer.Option(help="rows per streaming window")] = WINDOW_ROWS_DEFAULT,
     batch: Annotated[bool, typer.Option("--batch", help="the whole input as one end-of-day window")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+    pace: Annotated[float | None, typer.Option(
+        help="replay as a live feed of this many trades/s (windows cut as their rows arrive)")] = None,
 ) -> None:
     """Validate, clear and register trade files into TARGET, exactly once."""
     progress = Progress(
@@ -123,7 +125,8 @@ def replay_cmd(
         progress.update(task, completed=rows, rate=f"{rows / elapsed:,.0f}")
 
     try:
-        report = _guard(replay, paths, refdata, db, window_rows=window, batch=batch, on_window=on_window, on_start=on_start)
+        report = _guard(replay, paths, refdata, db, window_rows=window, batch=batch, on_window=on_window, on_start=on_start,
+                        pace_trades_per_s=pace)
     finally:
         progress.stop()
     _print_report(report)
@@ -212,6 +215,9 @@ def bench(
     batch: Annotated[bool, typer.Option("--batch/--no-batch", help="also replay the whole input as one window")] = True,
     restart: Annotated[bool, typer.Option("--restart/--no-restart", help="SIGKILL a replay halfway, time its restart")]
     = True,
+    paced: Annotated[bool, typer.Option("--paced/--no-paced", help="the smallest window size again, as a live feed "
+                                        "at half its full-speed rate: the latency a feed the engine keeps up with sees")]
+    = True,
     quick: Annotated[bool, typer.Option("--quick", help="a small scale that finishes in well under a minute")] = False,
     out_dir: Annotated[str, typer.Option(help="scratch directory")] = "bench_out",
     db_kind: Annotated[str, typer.Option(help="replay into duckdb (a file) or postgresql (a new database)")] = "duckdb",
@@ -228,7 +234,7 @@ def bench(
 
     if db_kind not in ("duckdb", "postgresql"):
         raise _fail(UserError(f"unknown --db-kind {db_kind!r} (duckdb or postgresql)"), 2)
-    kind = {"db_kind": db_kind, "pg_url": pg_url, "batch": batch, "restart": restart,
+    kind = {"db_kind": db_kind, "pg_url": pg_url, "batch": batch, "restart": restart, "paced": paced,
             **({"windows": tuple(window)} if window else {})}
     if any(w < 1 for w in window or ()):
         raise _fail(UserError("--window must be at least 1 row"), 2)

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -87,6 +89,8 @@ SNAPSHOT_PIECE_ROWS = 1_000_000
 COMMIT_GROUP_WINDOWS_MAX = 16
 COMMIT_GROUP_ROWS_MAX = 100_000
 STAGES: tuple[Stage, ...] = (Validate(), Clear(), Register())
+# A paced replay (a live feed) faster than this is a full-speed one in all but name.
+PACE_TRADES_PER_S_MAX = 1_000_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -404,11 +408,16 @@ class Engine:
         window_rows: int | None = WINDOW_ROWS_DEFAULT,
         on_window: Callable[[int, int], None] | None = None,
         on_commit: Callable[[WindowTiming], None] | None = None,
+        pace_trades_per_s: float | None = None,
     ) -> ReplayReport:
         """Replay `sources` (see module doc). After each window commits, in window order and
         in this thread: on_window(rows read so far, windows so far) and on_commit(its timing);
         the windows of one group commit get theirs one after another once it committed (so
-        the TARGET may already hold windows after the one called for)."""
+        the TARGET may already hold windows after the one called for).
+        `pace_trades_per_s`: the input as a live feed of that many rows a second from the
+        run's first window on; a piece is cut, and its input complete, no earlier than its
+        last row's arrival (the latency a feed below the engine's rate sees, not a backlog's)."""
+        assert pace_trades_per_s is None or (math.isfinite(pace_trades_per_s) and pace_trades_per_s > 0)
         started = time.perf_counter()
         done = self.storage.source_progress()
         if any(s.sha256 is None for s in sources):
@@ -425,9 +434,17 @@ class Engine:
             self._state_ahead = False
         # Reading, decoding and each stage's stateless work run one piece ahead in the
         # reader thread; window ids are assigned there, in order.
+        reader_stop = threading.Event()  # set when the processing loop has gone
+
         def ahead() -> Iterator[tuple[_RawWindow, Window, float]]:
             next_id = window_id + 1
+            arrived, feed_started_s = 0, time.perf_counter()
             for raw in _windows(sources, done, window_rows):
+                arrived += raw.frame.height
+                if pace_trades_per_s is not None:
+                    due_s = feed_started_s + arrived / pace_trades_per_s
+                    if reader_stop.wait(max(0.0, due_s - time.perf_counter())):
+                        return
                 cut_s = time.perf_counter()  # the piece's input is complete
                 yield raw, self.prepare(next_id, raw.frame), cut_s
                 next_id += raw.final
@@ -445,7 +462,7 @@ class Engine:
 
         try:
             with CommitLane() as lane:
-                for raw, prepared, cut_s in prefetch(ahead()):
+                for raw, prepared, cut_s in prefetch(ahead(), stop=reader_stop):
                     window_id = prepared.window_id
                     window = self.process(prepared)
                     problems = checks.window_violations(window)
@@ -612,10 +629,17 @@ def replay(
     on_window: Callable[[int, int], None] | None = None,
     on_start: Callable[[tuple[SourceFile, ...]], None] | None = None,
     on_commit: Callable[[WindowTiming], None] | None = None,
+    pace_trades_per_s: float | None = None,
 ) -> ReplayReport:
-    """Replay trade files into TARGET (the library call the CLI `replay` wraps)."""
+    """Replay trade files into TARGET (the library call the CLI `replay` wraps);
+    `pace_trades_per_s`: as a live feed at that rate (Engine.run)."""
     if not batch and not 1 <= window_rows <= WINDOW_ROWS_MAX:
         raise UserError(f"window size must be between 1 and {WINDOW_ROWS_MAX:,} rows")
+    if pace_trades_per_s is not None:
+        if batch:
+            raise UserError("a paced replay is a live feed: it needs streaming windows, not --batch")
+        if not (math.isfinite(pace_trades_per_s) and 0 < pace_trades_per_s <= PACE_TRADES_PER_S_MAX):
+            raise UserError(f"pace must be above 0 and at most {PACE_TRADES_PER_S_MAX:,} trades/s")
     load_in_background()  # the compiled kernels load while reference data and state do
     sources = discover(paths)
     for src in sources:
@@ -631,6 +655,6 @@ def replay(
             sources = hashed.result()
             if on_start:
                 on_start(sources)
-            return engine.run(sources, None if batch else window_rows, on_window, on_commit)
+            return engine.run(sources, None if batch else window_rows, on_window, on_commit, pace_trades_per_s)
         finally:
             storage.close()

@@ -24,14 +24,17 @@ from typing import TypeVar
 
 T = TypeVar("T")
 _DONE = object()
-_POLL_S = 0.05  # how often a blocked producer checks whether its consumer has gone
+_POLL_S = 0.05  # how often a blocked producer checks whether its consumer has gone, and a consumer for Ctrl-C
 
 
-def prefetch(items: Iterator[T], depth: int = 1) -> Iterator[T]:
-    """Yield `items`, produced up to `depth` ahead in a background thread."""
+def prefetch(items: Iterator[T], depth: int = 1, stop: threading.Event | None = None) -> Iterator[T]:
+    """Yield `items`, produced up to `depth` ahead in a background thread. `stop` (made here
+    when not given) is set once the consumer has gone: a producer that waits for something
+    other than this queue (a paced feed) waits on it, so the consumer's exit, which joins
+    the thread, never waits out the producer's wait."""
     assert depth >= 1
     slots: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+    stop = stop if stop is not None else threading.Event()
 
     def put(entry: tuple) -> bool:
         while not stop.is_set():
@@ -55,7 +58,12 @@ def prefetch(items: Iterator[T], depth: int = 1) -> Iterator[T]:
     thread.start()
     try:
         while True:
-            item, exc = slots.get()
+            try:
+                # Timed: Polars' SIGINT handler restarts a lock's untimed wait, so Ctrl-C would
+                # wait for the next item (pola-rs/polars#21739; a paced feed's, seconds away).
+                item, exc = slots.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
             if item is _DONE:
                 if exc is not None:
                     raise exc

@@ -16,22 +16,30 @@ def test_bench_reports_every_mode(tmp_path, monkeypatch):
     results = run(spec, echo=lambda *_: None)
     # The kernels are compiled (or loaded) once, before the first timed replay, so no replay
     # from a fresh checkout compiles them inside its timing.
-    assert calls == ["warm"] + ["replay"] * 5, calls
+    assert calls == ["warm"] + ["replay"] * 6, calls
+    paced = results[-2]
+    assert paced["mode"] == f"replay --window 500 --pace {paced['pace_trades_per_s']:,.0f} (duckdb)"
     by = {r["mode"]: r for r in results}
     assert list(by) == [
         "floor: DuckDB GROUP BY", "floor: input decoding alone",
         "replay --window 500 (duckdb)", "ceiling: storage alone (--window 500)",
         "replay --window 3,000 (duckdb)", "ceiling: storage alone (--window 3,000)",
         "replay --batch (duckdb)", "ceiling: storage alone (--batch)",
+        paced["mode"],
         "restart after SIGKILL (--window 750) (duckdb)",
     ]
+    # The live feed runs at half the smallest window's full-speed steady rate (two figures),
+    # and no faster than its feed: its rows arrive at that rate once the run has started.
+    full = by["replay --window 500 (duckdb)"]
+    assert paced["pace_trades_per_s"] == float(f"{full['steady_trades_per_s'] / 2:.2g}") > 0
+    assert paced["rows"] == 3_000 and paced["trades_per_s"] <= paced["pace_trades_per_s"]
     replays = [r for m, r in by.items() if m.startswith(("floor", "replay"))]
     for r in replays:
         assert r["rows"] == 3_000 and r["seconds"] > 0 and r["trades_per_s"] > 0 and r["floor_ratio"] > 0
     # CPU per trade of everything but the DuckDB floor (a bare query, whose rate is the point).
     for m, r in by.items():
         assert (r.get("cpu_us_per_trade", 0) > 0) == (m != "floor: DuckDB GROUP BY"), m
-    for r in [*replays[2:], by["restart after SIGKILL (--window 750) (duckdb)"]]:
+    for r in [*replays[2:], by["restart after SIGKILL (--window 750) (duckdb)"]]:  # the paced replay too
         assert r["peak_rss_mb"] > 0 and r["window_p99_ms"] >= r["window_p50_ms"] > 0 and r["steady_trades_per_s"] > 0
         # Input complete to committed covers the commit itself, at each percentile.
         assert r["latency_p99_ms"] >= r["latency_p50_ms"] >= r["commit_p50_ms"] > 0
@@ -56,6 +64,8 @@ def test_targets_table_names_each_measured_target(tmp_path):
     assert names[1].startswith("--window 100,000: storage alone") and "of storage alone" in rows[0]["measured"]
     assert any(n.startswith("--window 10,000: storage alone") for n in names)
     assert names[-1].startswith("restart after SIGKILL")
+    # The live feed at 10,000-row windows, against VISION's "committed in well under 100 ms".
+    assert names[-2].startswith("10,000-row windows as a live feed at ") and rows[-2]["goal"].startswith("< 100 ms")
     # Each throughput goal has its CPU budget per trade on this machine's cores beside the
     # replay's CPU per trade and what decoding the input and storing its rows cost alone.
     cpu = {g["target"].split(":")[0]: g for g in rows if "CPU per trade" in g["target"]}

@@ -114,6 +114,13 @@ def test_replay_again_and_batch(market, db, new_target):
     rows = report_rows(res.stdout)
     assert num(rows["windows committed"]) == 1 and rows["self-check"] == "OK"
     assert_same_tables(snapshot(batch_db), snapshot(db))
+    # As a live feed (3,000 trades at 20,000 a second): same tables, and at least its feed's time.
+    paced_db = new_target("paced")
+    res = ok(cli("replay", market / "trades", "--refdata", market / "refdata", "--db", paced_db, "--window", 400,
+                 "--pace", 20_000))
+    rows = report_rows(res.stdout)
+    assert num(rows["windows committed"]) == 8 and float(rows["seconds"]) >= 3_000 / 20_000
+    assert_same_tables(snapshot(paced_db), snapshot(db))
 
 
 @pytest.mark.parametrize("table", TABLES)
@@ -197,6 +204,9 @@ def test_replay_user_mistakes(market, tmp_path):
     user_error(_replay(market, db, refdata=partial), "securities")
     user_error(_replay(market, db, "--window", 0), "window")
     user_error(_replay(market, db, "--window", -3), "window")
+    user_error(_replay(market, db, "--pace", 0), "pace must be above 0")
+    user_error(_replay(market, db, "--pace", "nan"), "pace must be above 0")
+    user_error(_replay(market, db, "--pace", 1000, "--batch"), "live feed: it needs streaming windows")
     user_error(_replay(market, tmp_path / "no-dir" / "x.duckdb"), "does not exist")
     user_error(_replay(market, tmp_path), "DuckDB|directory")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["refdata"], "no TARGET created by a failed replay"

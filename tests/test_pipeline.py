@@ -4,8 +4,9 @@ its main one.
 Pins down:
   prefetch    items in order; a producer's error raised in the consumer after the items made
               before it, and only then; a consumer that stops early (break, close, its own
-              exception) neither hangs nor leaves the thread running; the producer is never
-              more than depth + 1 items ahead of the consumer.
+              exception) neither hangs nor leaves the thread running, a producer waiting on the
+              caller's stop event included; the producer is never more than depth + 1 items
+              ahead of the consumer.
   CommitLane  jobs run in submission order in one background thread, never two at once, and
               never a job before the previous one returned; on_done runs in the caller's
               thread, in order, at the next submit/drain and only after a successful job; a
@@ -236,6 +237,22 @@ def test_prefetch_close_stops_producer():
     n = len(made)
     time.sleep(0.1)
     assert len(made) == n <= 1 + 2 + 1  # nothing made after close, never more than depth + 1 ahead
+
+
+def test_prefetch_stop_ends_a_producer_waiting_on_it():
+    """A producer that waits on the caller's stop event (a paced feed waiting for its next
+    rows' arrival) ends as soon as the consumer leaves, not when its wait would have."""
+    stop = threading.Event()
+
+    def items():
+        yield 0
+        stop.wait(60)
+        yield 1
+
+    it = prefetch(items(), stop=stop)
+    assert next(it) == 0
+    within(it.close)  # joins the producer's thread: only a stop event it waits on ends it early
+    assert stop.is_set() and not _alive("settle-prefetch")
 
 
 def test_prefetch_consumer_exception_does_not_hang():

@@ -4,12 +4,17 @@ identical tables, on a generated market with bad rows and cancellations, on ever
 
 from __future__ import annotations
 
+import signal
+import threading
+import time
+
 import polars as pl
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from settle_arrow import open_target, replay, schema
+from settle_arrow.errors import UserError
 from settle_arrow.generate import MarketSpec, generate_market
 
 TABLES = [t for t in schema.OUTPUT if t != "checkpoints"]
@@ -67,3 +72,52 @@ def test_resumed_runs_with_changing_windows_give_identical_tables(market, refere
         size = data.draw(st.sampled_from([None, 1, 5, 33, 250]))
         replay(files[:cut], market.refdata_dir, db, window_rows=size or 1, batch=size is None)
     _assert_same(reference, db)
+
+
+def test_a_paced_replay_is_a_live_feed_with_the_same_tables(market, reference, new_target):
+    """--pace: each window's input is complete no earlier than its last row's arrival from a
+    feed of that many rows a second (so the run takes at least rows / pace), and the tables
+    are the same as at full speed."""
+    db, pace, window = new_target("p"), 2_000.0, 60
+    timings = []
+    started = time.perf_counter()
+    replay(list(market.trade_files), market.refdata_dir, db, window_rows=window, on_commit=timings.append,
+           pace_trades_per_s=pace)
+    assert [t.rows for t in timings] == [window] * (market.rows // window)
+    for n, t in enumerate(timings, start=1):
+        assert t.input_complete_s >= started + n * window / pace
+    assert time.perf_counter() - started >= market.rows / pace
+    _assert_same(reference, db)
+
+
+def test_a_paced_replay_stops_without_waiting_out_its_feed(market, reference, tmp_path):
+    """Ctrl-C during a paced run (the reader waiting for its feed's next rows, the main
+    thread for the reader) stops it at once, not when the reader's wait would have ended;
+    the committed prefix then resumes exactly once. The engine's, so one backend."""
+    db, pace, window = str(tmp_path / "s.duckdb"), 10.0, 60  # six seconds a window: a wait a stop must cut
+    interrupted: list[float] = []
+
+    def ctrl_c() -> None:
+        interrupted.append(time.perf_counter())
+        # A real SIGINT at the main thread, as Linux delivers a terminal's Ctrl-C (interrupt_main
+        # only schedules the handler, which a thread blocked on a lock never runs).
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    timer = threading.Timer(7.5, ctrl_c)  # the first window committed, the reader waiting for the second
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            replay(list(market.trade_files), market.refdata_dir, db, window_rows=window, pace_trades_per_s=pace)
+    finally:
+        timer.cancel()
+    assert time.perf_counter() - interrupted[0] < 2.5
+    replay(list(market.trade_files), market.refdata_dir, db, window_rows=window)
+    _assert_same(reference, db)
+
+
+@pytest.mark.parametrize("pace", [0.0, -1.0, float("nan"), float("inf"), 1e12])
+def test_a_pace_out_of_range_is_a_user_error(market, new_target, pace):
+    with pytest.raises(UserError, match="pace must be above 0"):
+        replay(list(market.trade_files), market.refdata_dir, new_target("x"), window_rows=10, pace_trades_per_s=pace)
+    with pytest.raises(UserError, match="streaming windows"):
+        replay(list(market.trade_files), market.refdata_dir, new_target("y"), batch=True, pace_trades_per_s=100.0)
