@@ -6,8 +6,9 @@ Data model: a generated market (generate.py) -> one measurement per mode, each r
 fresh subprocess (so its peak RSS is its own) into a fresh TARGET -> a table printed and
 returned as a list of dicts. Modes: the floor, decoding alone, each window size and --batch
 at full speed (each followed by its storage alone), the smallest window size again as a
-live feed at PACE_SHARE of its full-speed rate, and a restart after SIGKILL. `db_kind="postgresql"` replays into PostgreSQL instead: a new
-database on the server of `pg_url` (dropped afterwards), one schema per mode.
+live feed at PACE_SHARE of its full-speed rate, and a restart after SIGKILL.
+`db_kind="postgresql"` replays into PostgreSQL instead: a new database on the server of
+`pg_url` (dropped afterwards), one schema per mode.
 """
 
 from __future__ import annotations
@@ -280,12 +281,16 @@ def run(spec: BenchSpec, echo=print) -> list[dict]:
         pg_db = f"settle_bench_{os.getpid()}"
         drop_database(spec.pg_url, pg_db)
         pg_url = create_database(spec.pg_url, pg_db)
+    def fresh(name: str) -> tuple[Path, str]:
+        """A mode's DuckDB file (removed, so fresh) and its TARGET: that file, or a schema."""
+        db = out / f"{name}.duckdb"
+        remove_target(db)
+        return db, f"{pg_url}?schema={name}" if pg_db else str(db)
+
     try:
         for window in modes:
-            name = f"bench_{window or 'batch'}"
-            db = out / f"{name}.duckdb"
-            remove_target(db)
-            r = _child(market, summary.refdata_dir, f"{pg_url}?schema={name}" if pg_db else str(db), window)
+            db, target = fresh(f"bench_{window or 'batch'}")
+            r = _child(market, summary.refdata_dir, target, window)
             assert r is not None
             r["mode"] = (f"replay --window {window:,}" if window else "replay --batch") + f" ({spec.db_kind})"
             results.append(r)
@@ -296,19 +301,15 @@ def run(spec: BenchSpec, echo=print) -> list[dict]:
             window = min(spec.windows)
             full = next(r for r in results if r["mode"].startswith(f"replay --window {window:,} ("))
             pace = float(f"{PACE_SHARE * full['steady_trades_per_s']:.2g}")  # two figures: a readable label
-            db = out / "bench_paced.duckdb"
-            remove_target(db)
-            r = _child(market, summary.refdata_dir, f"{pg_url}?schema=bench_paced" if pg_db else str(db), window,
-                       pace=pace)
+            db, target = fresh("bench_paced")
+            r = _child(market, summary.refdata_dir, target, window, pace=pace)
             assert r is not None
             r["mode"] = f"replay --window {window:,} --pace {pace:,.0f} ({spec.db_kind})"
             r["pace_trades_per_s"] = pace
             results.append(r)
             remove_target(db)
         if spec.restart:
-            db = out / "bench_restart.duckdb"
-            remove_target(db)
-            target = f"{pg_url}?schema=bench_restart" if pg_db else str(db)
+            db, target = fresh("bench_restart")
             # Killed once half the input has committed; small scales get smaller windows.
             window = max(1, min(RESTART_WINDOW, summary.rows // 4))
             killed = _child(market, summary.refdata_dir, target, window, kill_at_rows=max(1, summary.rows // 2))
