@@ -460,9 +460,19 @@ class Engine:
                 held.clear()
                 lane.submit(self._commit_job(group), lambda: self._report(group, on_window, on_commit))
 
+        def idle() -> None:
+            """While the reader has no piece ready (a live feed's next rows have not
+            arrived): an idle lane takes the held windows now and reports what it
+            committed, not when the next piece comes, which may be seconds away."""
+            if not lane.busy():
+                if held:
+                    hand_over()  # drains the job before, running its callbacks
+                else:
+                    lane.drain()
+
         try:
             with CommitLane() as lane:
-                for raw, prepared, cut_s in prefetch(ahead(), stop=reader_stop):
+                for raw, prepared, cut_s in prefetch(ahead(), stop=reader_stop, on_wait=idle):
                     window_id = prepared.window_id
                     window = self.process(prepared)
                     problems = checks.window_violations(window)

@@ -27,11 +27,13 @@ _DONE = object()
 _POLL_S = 0.05  # how often a blocked producer checks whether its consumer has gone, and a consumer for Ctrl-C
 
 
-def prefetch(items: Iterator[T], depth: int = 1, stop: threading.Event | None = None) -> Iterator[T]:
+def prefetch(items: Iterator[T], depth: int = 1, stop: threading.Event | None = None,
+             on_wait: Callable[[], None] | None = None) -> Iterator[T]:
     """Yield `items`, produced up to `depth` ahead in a background thread. `stop` (made here
     when not given) is set once the consumer has gone: a producer that waits for something
     other than this queue (a paced feed) waits on it, so the consumer's exit, which joins
-    the thread, never waits out the producer's wait."""
+    the thread, never waits out the producer's wait. `on_wait` runs in the consumer's
+    thread every _POLL_S it waits for an item; its error is raised to the consumer."""
     assert depth >= 1
     slots: queue.Queue = queue.Queue(maxsize=depth)
     stop = stop if stop is not None else threading.Event()
@@ -63,6 +65,8 @@ def prefetch(items: Iterator[T], depth: int = 1, stop: threading.Event | None = 
                 # wait for the next item (pola-rs/polars#21739; a paced feed's, seconds away).
                 item, exc = slots.get(timeout=_POLL_S)
             except queue.Empty:
+                if on_wait is not None:
+                    on_wait()
                 continue
             if item is _DONE:
                 if exc is not None:

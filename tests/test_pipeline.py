@@ -5,7 +5,8 @@ Pins down:
   prefetch    items in order; a producer's error raised in the consumer after the items made
               before it, and only then; a consumer that stops early (break, close, its own
               exception) neither hangs nor leaves the thread running, a producer waiting on the
-              caller's stop event included; the producer is never more than depth + 1 items
+              caller's stop event included; on_wait runs in the consumer's thread while it
+              waits, its error raised there; the producer is never more than depth + 1 items
               ahead of the consumer.
   CommitLane  jobs run in submission order in one background thread, never two at once, and
               never a job before the previous one returned; on_done runs in the caller's
@@ -253,6 +254,39 @@ def test_prefetch_stop_ends_a_producer_waiting_on_it():
     assert next(it) == 0
     within(it.close)  # joins the producer's thread: only a stop event it waits on ends it early
     assert stop.is_set() and not _alive("settle-prefetch")
+
+
+def test_prefetch_on_wait_runs_in_the_consumer_while_it_waits():
+    """on_wait runs in the consumer's thread while no item is ready (never when one is),
+    and its error is the consumer's."""
+    waits: list[threading.Thread] = []
+    ready = threading.Event()
+
+    def items():
+        yield 0
+        ready.wait(WAIT)  # item 1 comes once the consumer has waited a while
+        yield 1
+
+    def on_wait() -> None:
+        waits.append(threading.current_thread())
+        if len(waits) == 3:
+            ready.set()
+
+    assert within(lambda: list(prefetch(items(), on_wait=on_wait))) == [0, 1]
+    assert len(waits) >= 3 and all(t is waits[0] and t.name != "settle-prefetch" for t in waits)
+
+    def fails() -> None:
+        raise Boom("idle work")
+
+    stop = threading.Event()
+
+    def waiting():
+        stop.wait(60)
+        yield 1
+
+    with pytest.raises(Boom):
+        within(lambda: list(prefetch(waiting(), stop=stop, on_wait=fails)))
+    assert not _alive("settle-prefetch")
 
 
 def test_prefetch_consumer_exception_does_not_hang():

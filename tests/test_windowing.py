@@ -115,6 +115,20 @@ def test_a_paced_replay_stops_without_waiting_out_its_feed(market, reference, tm
     _assert_same(reference, db)
 
 
+def test_a_paced_replay_reports_each_commit_before_the_next_window_arrives(market, reference, tmp_path):
+    """The callbacks of a live feed's window run once it has committed, while the engine
+    waits for the next window's rows, not when they arrive (a window a second here). The
+    engine's, so one backend."""
+    db, pace, window = str(tmp_path / "c.duckdb"), 60.0, 60
+    timings, reported = [], []
+    replay(list(market.trade_files), market.refdata_dir, db, window_rows=window, pace_trades_per_s=pace,
+           on_commit=lambda t: (timings.append(t), reported.append(time.perf_counter())))
+    assert len(timings) == market.rows // window
+    lags = [r - t.input_complete_s for t, r in zip(timings, reported, strict=True)]
+    assert max(lags) < 0.6 * window / pace, lags  # the next window is due a second after each
+    _assert_same(reference, db)
+
+
 @pytest.mark.parametrize("pace", [0.0, -1.0, float("nan"), float("inf"), 1e12])
 def test_a_pace_out_of_range_is_a_user_error(market, new_target, pace):
     with pytest.raises(UserError, match="pace must be above 0"):
