@@ -68,8 +68,9 @@ WINDOW_ROWS_MAX = 50_000_000
 # 3.3 GB; 100 k-row windows 216,466 trades/s; the whole 5 M-trade batch at once took 6.4 GB).
 PIECE_ROWS_MAX = 500_000
 # A delta table is folded when it has grown by this factor over its last folded size; the
-# holdings snapshot is rewritten when the trade legs since it outnumber its rows by
-# SNAPSHOT_GROWTH. Both keep the cost amortised O(1) per row and the views' read cost O(state).
+# holdings snapshot is rewritten, and the securities obligations folded, when the trade legs
+# since it outnumber its rows by SNAPSHOT_GROWTH. Both keep the cost amortised O(1) per row
+# and the views' read cost O(state).
 COMPACT_GROWTH = 2
 COMPACT_ROWS_MIN = 2_000_000
 # Recovery groups and applies every leg since the snapshot, so this factor bounds restart
@@ -597,6 +598,9 @@ class Engine:
                         yield holdings_ids(acct_idx, sec_idx, quantity[lo:lo + SNAPSHOT_PIECE_ROWS], dims).to_arrow()
 
                 storage.replace_holdings_snapshot(snapshots[-1].window.window_id, pieces())
+                # The securities obligations fold when the holdings snapshot moves: one pause
+                # of the lane for both, and the legs either view adds stay bounded alike.
+                storage.fold_obligations()
 
         return job
 

@@ -161,6 +161,11 @@ def copy_target(src: str, dst: str) -> dict[str, int]:
     Returns rows copied per table. Prove it with `Target.digest()` on both."""
     copied: dict[str, int] = {}
     with open_target(src) as source:
+        version = source.storage.meta().get("schema_version")
+        if version != str(schema.SCHEMA_VERSION):
+            # A reader reads an older TARGET as it is, in tables this version no longer has.
+            raise UserError(f"{source.storage.url} is of schema version {version}; copy reads version "
+                            f"{schema.SCHEMA_VERSION}: a replay into it (even of files it has done) brings it up")
         dest = open_storage(dst)
         try:
             present = sorted(dest._table_names() & set(schema.STORAGE))

@@ -1,15 +1,41 @@
--- Logical output tables over append-only delta tables (SPEC §4, §5).
+-- Logical output tables (SPEC §4, §5) over append-only deltas, snapshots and trade rows.
 -- Portable SQL: the same text runs on DuckDB and PostgreSQL.
--- Each view is the sum of its deltas per key; rows whose every sum is zero are dropped.
+-- Each view sums its parts per key; rows whose every sum is zero are dropped.
 
-CREATE OR REPLACE VIEW obligations_securities AS
-SELECT market, trade_date, securities_settle_date, participant_id, security_id,
+-- Securities obligations by dimension ids: the snapshot (folded as of a window, none before
+-- the first fold) plus both legs of every trade row committed after it, netted per key
+-- exactly as clearing nets a window (stages/clearing.py: buy leg +signed quantity, sell leg
+-- its negation). Both legs come from one scan of the trade rows, crossed with the two
+-- sides (two scans cost DuckDB a second read of every segment's footer: 152 -> 122 ms,
+-- 2 M legs, measured). :obligations_snapshot_window stands for the snapshot's window as
+-- :holdings_snapshot_window does for the holdings' (see below).
+CREATE OR REPLACE VIEW obligations_securities_ids AS
+SELECT trade_date, securities_settle_date, part_id, sec_id,
        CAST(SUM(net_quantity) AS BIGINT) AS net_quantity,
        CAST(SUM(buy_quantity) AS BIGINT) AS buy_quantity,
        CAST(SUM(sell_quantity) AS BIGINT) AS sell_quantity
-FROM obligations_securities_delta
-GROUP BY market, trade_date, securities_settle_date, participant_id, security_id
+FROM (
+  SELECT trade_date, securities_settle_date, part_id, sec_id, net_quantity, buy_quantity, sell_quantity
+  FROM obligations_securities_snapshot
+  UNION ALL
+  SELECT trade_date, securities_settle_date,
+         CASE WHEN side.buy = 1 THEN buy_participant_id ELSE sell_participant_id END,
+         sec_id,
+         CASE WHEN side.buy = 1 THEN sign * quantity ELSE -(sign * quantity) END,
+         CASE WHEN side.buy = 1 THEN sign * quantity ELSE 0 END,
+         CASE WHEN side.buy = 1 THEN 0 ELSE sign * quantity END
+  FROM trade_facts CROSS JOIN (VALUES (1), (0)) AS side (buy)
+  WHERE window_id > :obligations_snapshot_window
+) o
+GROUP BY trade_date, securities_settle_date, part_id, sec_id
 HAVING SUM(net_quantity) <> 0 OR SUM(buy_quantity) <> 0 OR SUM(sell_quantity) <> 0;
+
+CREATE OR REPLACE VIEW obligations_securities AS
+SELECT s.market, o.trade_date, o.securities_settle_date, p.participant_id, s.security_id,
+       o.net_quantity, o.buy_quantity, o.sell_quantity
+FROM obligations_securities_ids o
+JOIN dim_security s ON s.id = o.sec_id
+JOIN dim_participant p ON p.id = o.part_id;
 
 CREATE OR REPLACE VIEW obligations_cash AS
 SELECT market, trade_date, cash_settle_date, participant_id, currency,

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
+from old_targets import as_version_5
 from snapshots import TABLES, assert_same_tables, snapshot
 
 from settle_arrow import open_target, schema
@@ -289,12 +290,13 @@ def test_schema_version_mismatch(market, new_target):
 
 
 def test_schema_version_4_target_is_migrated(market, new_target):
-    """A TARGET of schema version 4 (sources without sha256) is read as it is, and its next
-    replay migrates it and records the sha256 of every file it names, with the tables a
+    """A TARGET of schema version 4 (sources without sha256, obligations as deltas) is read as
+    it is, and its next replay migrates it and records the sha256 of every file it names, with the tables a
     replay into a fresh TARGET gives."""
     files = sorted((market / "trades").glob("*.parquet"))
     db = new_target("v4")
     ok(_replay(market, db, "--window", 5000, paths=files[:1]))
+    as_version_5(db)
     w = open_storage(db)  # as schema version 4 left it
     try:
         w._begin()

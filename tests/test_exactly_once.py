@@ -404,12 +404,14 @@ def test_sigkill_mid_commit(market, reference, harness, tmp_path, traps, group, 
 
 
 def test_sigkill_mid_compaction(market, reference, harness, tmp_path, new_target):
-    """Compaction (folding delta tables) forced early and killed half-way: no effect on results."""
+    """Compaction (folding delta tables and the obligations snapshot) forced early and killed half-way: no
+    effect on results."""
     db = new_target()
     total = sum(_rows(f) for f in _files(market))
     cmd = _replay_cmd(harness, market, db, 1000)
     compact = {"SA_COMPACT_MIN": "300"}  # folds every delta table several times in this run
-    for trap in ("DELETE FROM obligations_cash_delta:1", "DELETE FROM holdings_snapshot:1"):
+    for trap in ("DELETE FROM obligations_cash_delta:1", "DELETE FROM obligations_securities_snapshot:1",
+                 "DELETE FROM holdings_snapshot:1"):
         _kill_at_trap(cmd, trap, compact)
     done = subprocess.run(cmd, capture_output=True, env=dict(os.environ, SA_TRAP=":0", **compact), timeout=120)
     assert done.returncode == 0, done.stderr.decode()[-3000:]

@@ -8,7 +8,9 @@ Data model:
   out  frames["cleared"]: accepted + security info, participants, int fen amount and fees
        (signed: an X row carries the negation of its trade), settlement dates
        frames["obligations_securities_delta"], frames["obligations_cash_delta"]: this
-       window's contribution per obligation key; the tables are their sums (storage views)
+       window's contribution per obligation key; the cash table is their sum (a storage
+       view), the securities table the view's own netting of the trade rows (the frame
+       feeds the self-checks and the window's digest)
 
 Invariants: fees are computed per trade, per side, per matching fee row on the rounded
 amount and then added per fee code; per window Σ net_quantity = 0 per (market, trade_date,

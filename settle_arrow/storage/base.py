@@ -46,8 +46,12 @@ class TargetError(UserError):
     """A TARGET cannot be opened or does not hold a settle_arrow database (user mistake)."""
 
 
-# Stands in views.sql for the holdings snapshot's window (see Storage._snapshot_views).
-SNAPSHOT_PLACEHOLDER = ":holdings_snapshot_window"
+# Placeholders in views.sql -> the meta key of the snapshot window each stands for (see
+# Storage._snapshot_views).
+SNAPSHOT_PLACEHOLDERS = {
+    ":holdings_snapshot_window": schema.HOLDINGS_SNAPSHOT_KEY,
+    ":obligations_snapshot_window": schema.OBLIGATIONS_SNAPSHOT_KEY,
+}
 
 
 def sql_text(name: str) -> str:
@@ -162,10 +166,10 @@ class Storage(abc.ABC):
     # (schema.STATE_RUNS), or None where the backend keeps none (recovery then rebuilds
     # them from the history).
     state_dir: str | None = None
-    # Whether views name the holdings snapshot's window as a constant, remade in the
-    # transaction that moves it (DuckDB: its Parquet scans skip older windows only so), or
-    # read it from meta by a subquery (PostgreSQL: no DDL per snapshot, so no reader ever
-    # waits on a view's lock).
+    # Whether views name a snapshot's window (SNAPSHOT_PLACEHOLDERS) as a constant, remade
+    # in the transaction that moves it (DuckDB: its Parquet scans skip older windows only
+    # so), or read it from meta by a subquery (PostgreSQL: no DDL per snapshot, so no reader
+    # ever waits on a view's lock).
     inline_snapshot_window = False
     # Tables of schema.STORAGE whose rows the backend keeps outside its tables, as files
     # (DuckDB: segments); their DDL comes after every other table's.
@@ -229,8 +233,10 @@ class Storage(abc.ABC):
             if steps and not self.read_only:
                 self._begin()
                 try:
+                    self._create_missing_tables(existing)
                     for stmt in steps:
                         self._execute(stmt)
+                    self._create_views()
                     self._put_meta({"schema_version": str(schema.SCHEMA_VERSION)})
                     self._commit()
                 except BaseException:
@@ -247,35 +253,44 @@ class Storage(abc.ABC):
 
     def _create_schema(self) -> None:
         """Tables, views and the schema_version row, inside the caller's transaction."""
+        self._create_missing_tables(set())
+        self._create_views()
+        self._append("meta", pa.table({"key": ["schema_version"], "value": [str(schema.SCHEMA_VERSION)]}))
+
+    def _create_missing_tables(self, existing: set[str]) -> None:
         # Tables kept as files last: a backend's view of one may read the others (DuckDB's
         # reads checkpoints).
         for name in sorted(schema.STORAGE, key=lambda n: n in self.file_tables):
-            self._create_table(name, schema.STORAGE[name])
-        window_sql = self._snapshot_window_sql()
-        for stmt in statements("views.sql"):
-            self._execute(stmt.replace(SNAPSHOT_PLACEHOLDER, window_sql))
-        self._append("meta", pa.table({"key": ["schema_version"], "value": [str(schema.SCHEMA_VERSION)]}))
+            if name not in existing:
+                self._create_table(name, schema.STORAGE[name])
 
-    def _snapshot_window(self) -> int:
-        """The holdings snapshot's window (meta); -1 before the first: every window counts."""
-        v = self._query("SELECT value FROM meta WHERE key = ?", (schema.HOLDINGS_SNAPSHOT_KEY,))["value"]
+    def _create_views(self, only_snapshots: bool = False) -> None:
+        """(Re)make the views of views.sql, or only those naming a snapshot's window, inside
+        the caller's transaction."""
+        windows = {p: self._snapshot_window_sql(key) for p, key in SNAPSHOT_PLACEHOLDERS.items()}
+        for stmt in statements("views.sql"):
+            named = [p for p in windows if p in stmt]
+            if named or not only_snapshots:
+                for p in named:
+                    stmt = stmt.replace(p, windows[p])
+                self._execute(stmt)
+
+    def _snapshot_window(self, key: str) -> int:
+        """The window of the snapshot meta `key` names; -1 before the first: every window counts."""
+        v = self._query("SELECT value FROM meta WHERE key = ?", (key,))["value"]
         return int(v[0].as_py()) if len(v) else -1
 
-    def _snapshot_window_sql(self) -> str:
+    def _snapshot_window_sql(self, key: str) -> str:
         if self.inline_snapshot_window:
-            return str(self._snapshot_window())
-        return f"COALESCE((SELECT CAST(value AS BIGINT) FROM meta WHERE key = '{schema.HOLDINGS_SNAPSHOT_KEY}'), -1)"
+            return str(self._snapshot_window(key))
+        return f"COALESCE((SELECT CAST(value AS BIGINT) FROM meta WHERE key = '{key}'), -1)"
 
     def _snapshot_views(self) -> None:
-        """Remake the views that name the holdings snapshot's window as a constant, inside the
-        caller's transaction: whatever changes that meta value calls this in the same
-        transaction (no-op where the views read it from meta)."""
-        if not self.inline_snapshot_window:
-            return
-        window_sql = self._snapshot_window_sql()
-        for stmt in statements("views.sql"):
-            if SNAPSHOT_PLACEHOLDER in stmt:
-                self._execute(stmt.replace(SNAPSHOT_PLACEHOLDER, window_sql))
+        """Remake the views that name a snapshot's window as a constant, inside the caller's
+        transaction: whatever changes such a meta value calls this in the same transaction
+        (no-op where the views read it from meta)."""
+        if self.inline_snapshot_window:
+            self._create_views(only_snapshots=True)
 
     def _create_table(self, name: str, s: pa.Schema) -> None:
         """DDL of one stored table; a backend may keep a SEGMENTED table otherwise (DuckDB)."""
@@ -529,14 +544,34 @@ class Storage(abc.ABC):
     def trade_rows_since_snapshot(self) -> int:
         # A constant, not a subquery: the scan then skips the windows before the snapshot.
         return int(self._query("SELECT COUNT(*) AS n FROM trade_facts WHERE window_id > ?",
-                               (self._snapshot_window(),))["n"][0].as_py())
+                               (self._snapshot_window(schema.HOLDINGS_SNAPSHOT_KEY),))["n"][0].as_py())
+
+    def fold_obligations(self) -> int:
+        """Make obligations_securities_snapshot the securities obligations as of the last
+        committed window, in one transaction (the view's contents stay the same: it then adds
+        no trade row); returns its rows."""
+        cols = ", ".join(c for c in schema.STORAGE["obligations_securities_snapshot"].names if c != "window_id")
+        self._begin()
+        try:
+            window_id = self.max_window_id()
+            folded = self._query(f"SELECT {cols} FROM obligations_securities_ids")
+            self._execute("DELETE FROM obligations_securities_snapshot")
+            if folded.num_rows:
+                self._append("obligations_securities_snapshot", conform(
+                    _with_window_id(folded, window_id), schema.STORAGE["obligations_securities_snapshot"]))
+            self._put_meta({schema.OBLIGATIONS_SNAPSHOT_KEY: str(window_id)})
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+        return folded.num_rows
 
     def _put_meta(self, values: Mapping[str, str]) -> None:
         """Replace meta keys inside the caller's transaction."""
         for k, v in values.items():
             self._execute("DELETE FROM meta WHERE key = ?", (k,))
             self._append("meta", pa.table({"key": [k], "value": [v]}))
-        if schema.HOLDINGS_SNAPSHOT_KEY in values:
+        if set(values) & set(SNAPSHOT_PLACEHOLDERS.values()):
             self._snapshot_views()
 
     def set_meta(self, values: Mapping[str, str]) -> None:
