@@ -5,7 +5,9 @@ rows, possibly spanning files; `batch` makes the whole input one window) -> piec
 most PIECE_ROWS_MAX rows (a window is one piece unless larger) -> stages' prepare (reader
 thread) -> stages' process -> self-checks -> state effects -> storage.stage_window per
 piece that ends no window; storage.commit_windows for a window's last piece, together with
-the windows processed while the commit before them ran (group commit; commit lane).
+the windows processed while the commit before them ran (group commit; commit lane),
+which then adds the windows' securities obligations to its sums since the last fold
+(obligations.py) and writes any snapshot or fold that came due; a run ends with a fold.
 
 Invariants:
   * one Python iteration per piece, never per row;
@@ -49,6 +51,7 @@ from settle_arrow.errors import SelfCheckError, UserError
 from settle_arrow.io.files import SourceError, SourceFile, discover, read_frames, read_schema, with_sha256
 from settle_arrow.io.parse import ColumnTypeError, coerce, to_text
 from settle_arrow.kernel_loader import load_in_background
+from settle_arrow.obligations import SinceFold
 from settle_arrow.pipeline import CommitLane, prefetch
 from settle_arrow.recovery import recover
 from settle_arrow.refdata import RefData, RefDataError, load_refdata
@@ -362,6 +365,11 @@ class Engine:
         self.state = state
         # Trade legs the state holds beyond the stored snapshot (see SNAPSHOT_GROWTH).
         self._legs_since_snapshot = 2 * self.storage.trade_rows_since_snapshot()
+        # The commit lane adds up the securities obligations after the stored snapshot from
+        # here on; it can, for a fold, only if no committed trade row lies after it yet.
+        self._obligations = (self._nothing_since_fold()
+                             if self.storage.trade_rows_since_snapshot(schema.OBLIGATIONS_SNAPSHOT_KEY) == 0
+                             else None)
         catalogued = self.storage.state_runs()
         self._runs_noted = {name: 0 for name in KEPT_SETS}
         self._runs_pending: list[KeptRun] = []
@@ -480,7 +488,7 @@ class Engine:
                     if problems:
                         hand_over()
                         lane.drain()  # the windows before this one commit
-                        self.storage.abort_window()  # and none of this one's pieces
+                        self._abort_window()  # and none of this one's pieces
                         # State = database again, unless earlier pieces of this window
                         # changed it: then it is rebuilt before any further run.
                         self._state_ahead = bool(digests)
@@ -528,9 +536,14 @@ class Engine:
                         hand_over()
                 hand_over()
         except BaseException:
-            self.storage.abort_window()  # pieces of an unfinished window never commit
+            self._abort_window()  # pieces of an unfinished window never commit
             raise
         self._state_ahead = False
+        if windows and (self._obligations is None or self._obligations.rows):
+            # The TARGET ends each run folded: its obligations are read from the snapshot
+            # alone (the self-checks below read them twice: 5 M trades, 0.45 s a read of
+            # the view netting the trade rows, measured).
+            self._fold_obligations()
         problems = self.storage.verify()
         self.storage.record_self_check(window_id, problems)
         if problems:
@@ -547,6 +560,25 @@ class Engine:
             seconds=time.perf_counter() - started,
             self_check="OK",
         )
+
+    def _nothing_since_fold(self) -> SinceFold:
+        return SinceFold(self.dims.participant, self.dims.security)
+
+    def _abort_window(self) -> None:
+        """Abandon the open window's staged pieces (the lane is idle or gone)."""
+        self.storage.abort_window()
+        if self._obligations is not None:
+            self._obligations.abort()
+
+    def _fold_obligations(self) -> None:
+        """Fold the securities obligations as of the last committed window (on the commit
+        lane, or after it closed): by the sums the lane keeps, or, where this engine has not
+        seen every window since the snapshot (after a restart), by the view's netting of the
+        trade rows (100 M trades: 0.7-3.1 s a fold, measured, against ~0.1 s). Either way
+        nothing is pending after it."""
+        since = self._obligations
+        self.storage.fold_obligations(since.table() if since is not None else None)
+        self._obligations = self._nothing_since_fold()
 
     def _snapshot_if_due(self) -> tuple[np.ndarray, np.ndarray] | None:
         """The state's positions when the legs since the stored snapshot outgrow the state
@@ -579,6 +611,8 @@ class Engine:
                 appends = {n: piece.frames[n].to_arrow() for n in schema.WINDOW_APPENDS if n != "trade_facts"}
                 appends["trade_facts"] = trade_facts(piece.frames["cleared"], ref, dims)
                 storage.stage_window(piece.window_id, appends)
+                if self._obligations is not None:
+                    self._obligations.stage(piece.frames["obligations_securities_idx"])
                 return
             due = [name for name in schema.DELTAS
                    if self._delta_rows[name] > max(COMPACT_ROWS_MIN, COMPACT_GROWTH * self._folded_rows[name])]
@@ -586,6 +620,8 @@ class Engine:
             for p in group:
                 if p.timing is not None:
                     p.timing.stamps.extend((started_s, time.perf_counter()))
+            if self._obligations is not None:  # only once they are durable
+                self._obligations.commit([p.window.frames["obligations_securities_idx"] for p in group])
             for name in due:
                 self._folded_rows[name] = self._delta_rows[name] = storage.compact(name)
             snapshots = [p for p in group if p.snapshot is not None]
@@ -600,7 +636,7 @@ class Engine:
                 storage.replace_holdings_snapshot(snapshots[-1].window.window_id, pieces())
                 # The securities obligations fold when the holdings snapshot moves: one pause
                 # of the lane for both, and the legs either view adds stay bounded alike.
-                storage.fold_obligations()
+                self._fold_obligations()
 
         return job
 

@@ -309,6 +309,19 @@ def _with_window(s: pa.Schema) -> pa.Schema:
 # cuts a window's write ~4x (measured); the `trades` view joins the strings back.
 _FEE_FIELDS = [(f"{side}_{col}", MONEY) for side in ("buy", "sell") for col in FEE_COLUMNS.values()]
 HOLDINGS_IDS = pa.schema([("acct_id", pa.int32()), ("sec_id", pa.int32()), ("quantity", pa.int64())])
+# Securities obligations by dimension ids (part_id -> dim_participant.id, sec_id ->
+# dim_security.id): the snapshot's rows, and what the engine folds into it (obligations.py).
+OBLIGATIONS_IDS = pa.schema(
+    [
+        ("trade_date", pa.date32()),
+        ("securities_settle_date", pa.date32()),
+        ("part_id", pa.int32()),
+        ("sec_id", pa.int32()),
+        ("net_quantity", pa.int64()),
+        ("buy_quantity", pa.int64()),
+        ("sell_quantity", pa.int64()),
+    ]
+)
 STORAGE = {
     "trade_facts": pa.schema(
         [
@@ -354,24 +367,11 @@ STORAGE = {
     # Holdings state keyed by dimension ids (acct_id -> dim_account.id, sec_id ->
     # dim_security.id): recovery, snapshots and the conservation check never touch strings.
     "holdings_snapshot": _with_window(HOLDINGS_IDS),
-    # Securities obligations folded as of window_id (meta OBLIGATIONS_SNAPSHOT_KEY), by
-    # dimension ids (part_id -> dim_participant.id, sec_id -> dim_security.id); the view
-    # adds both legs of every trade row of a later window. Where a window wrote ~0.2 delta
+    # Securities obligations folded as of window_id (meta OBLIGATIONS_SNAPSHOT_KEY); the
+    # view adds both legs of every trade row of a later window. Where a window wrote ~0.2 delta
     # rows a trade, the database's log grew by them and its checkpoint paused a commit
     # (0.7 s every ~3 M trades, measured).
-    "obligations_securities_snapshot": _with_window(
-        pa.schema(
-            [
-                ("trade_date", pa.date32()),
-                ("securities_settle_date", pa.date32()),
-                ("part_id", pa.int32()),
-                ("sec_id", pa.int32()),
-                ("net_quantity", pa.int64()),
-                ("buy_quantity", pa.int64()),
-                ("sell_quantity", pa.int64()),
-            ]
-        )
-    ),
+    "obligations_securities_snapshot": _with_window(OBLIGATIONS_IDS),
     "opening_holdings": HOLDINGS_IDS,
     "checkpoints": OUTPUT["checkpoints"],
     # Exactly-once bookkeeping: how far each input file has been committed.

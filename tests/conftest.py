@@ -70,7 +70,8 @@ def small_market(tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_market_tables(small_market, tmp_path_factory):
     """The output tables (checkpoints aside) of one DuckDB batch replay of small_market: its
-    6,000 legs stay below every folding and snapshot threshold, so none happened."""
+    6,000 legs stay below every folding and snapshot threshold, so none happened but the
+    obligations' fold that ends every run."""
     from settle_arrow import open_target, replay, schema
 
     db = str(tmp_path_factory.mktemp("small_market_ref") / "batch.duckdb")

@@ -105,7 +105,7 @@ def test_cash_netting_is_exact_when_sums_could_leave_int64(huge_rows):
     assert c.height * 2 * 10**15 >= 1 << 63
     c = c.with_columns(pl.when(pl.int_range(pl.len()) < huge_rows).then(pl.lit(10**15)).otherwise("amount_fen")
                        .alias("amount_fen"))
-    _, cash = _obligations(c, REF)
+    *_, cash = _obligations(c, REF)
     got = {(r["market"], r["trade_date"], r["cash_settle_date"], r["participant_id"], r["currency"]):
            int(r["net_amount"] * 100) for r in cash.iter_rows(named=True)}
     assert got == _net_amount_by_python(c)
@@ -137,6 +137,7 @@ def test_cash_netting_never_wraps():
 
 
 _CLEARED = _cleared()
+_QUANTITY = ("net_quantity", "buy_quantity", "sell_quantity")
 
 
 @settings(max_examples=40, deadline=None)
@@ -151,14 +152,12 @@ def test_netting_by_packed_keys_equals_grouping_on_columns(picks, cycles):
 
     rows = [i for i, _ in picks]
     shift = pl.Series([dt.timedelta(days=d) for _, d in picks], dtype=pl.Duration("ms"))
-    # Settlement follows from security and trade date, as the calendar makes it.
-    offsets = [(int(_CLEARED["sec_idx"][i]) + d) % cycles for i, d in picks]
-    late = pl.Series([dt.timedelta(days=o) for o in offsets], dtype=pl.Duration("ms"))
-    c = _CLEARED[rows].with_columns(
-        (pl.col("trade_date") + shift).alias("trade_date"),
-        (pl.col("trade_date") + shift + late).alias("securities_settle_date"),
-        (pl.col("trade_date") + shift + late).alias("cash_settle_date"),
-    ) if rows else _CLEARED.clear()
+    # Settlement follows from security and trade date, as the calendar makes it (a function
+    # of the shifted date: two rows of a security shifted onto one date settle alike).
+    c = _CLEARED[rows].with_columns((pl.col("trade_date") + shift).alias("trade_date")) if rows else _CLEARED.clear()
+    late = pl.duration(days=(pl.col("sec_idx") + pl.col("trade_date").cast(pl.Int32)) % cycles)
+    c = c.with_columns((pl.col("trade_date") + late).alias("securities_settle_date"),
+                       (pl.col("trade_date") + late).alias("cash_settle_date"))
     # Packed keys summed in slots (however wide the span), packed keys hash-grouped, and the
     # key columns grouped (packing refused).
     with mock.patch.object(clearing, "DENSE_GROUPS_MIN", 1 << 40):
@@ -168,8 +167,15 @@ def test_netting_by_packed_keys_equals_grouping_on_columns(picks, cycles):
     with mock.patch.object(clearing, "PACKED_KEY_MAX", 0):
         columns = _obligations(c, REF)
     for other in (hashed, columns):
-        assert packed[0].equals(other[0]) and packed[1].equals(other[1])
-    sec = packed[0]
+        assert all(a.equals(b) for a, b in zip(packed, other, strict=True))
+    by_idx, sec, _ = packed
+    # The rows by reference indices (what the engine adds up between folds) are the output
+    # rows, key for key.
+    part_row = {p: i for i, p in enumerate(REF.participants["participant_id"].to_list())}
+    assert by_idx["part_idx"].to_list() == [part_row[p] for p in sec["participant_id"].to_list()]
+    assert by_idx["sec_idx"].to_list() == REF.sec_idx(sec).to_list()
+    assert by_idx.select("trade_date", "securities_settle_date", *_QUANTITY).equals(
+        sec.select("trade_date", "securities_settle_date", *_QUANTITY))
     keys = ["market", "trade_date", "securities_settle_date", "participant_id", "security_id"]
     assert sec.select(keys).rows() == sorted(sec.select(keys).rows())
     want: dict[tuple, int] = {}

@@ -8,9 +8,10 @@ Data model:
   out  frames["cleared"]: accepted + security info, participants, int fen amount and fees
        (signed: an X row carries the negation of its trade), settlement dates
        frames["obligations_securities_delta"], frames["obligations_cash_delta"]: this
-       window's contribution per obligation key; the cash table is their sum (a storage
-       view), the securities table the view's own netting of the trade rows (the frame
-       feeds the self-checks and the window's digest)
+       window's contribution per obligation key (output rows: the self-checks and the
+       window's digest); the cash table is their sum (a storage view)
+       frames["obligations_securities_idx"]: the securities rows keyed by reference row
+       indices, which the engine adds up into the stored snapshot (engine.py, obligations.py)
 
 Invariants: fees are computed per trade, per side, per matching fee row on the rounded
 amount and then added per fee code; per window Σ net_quantity = 0 per (market, trade_date,
@@ -38,6 +39,9 @@ PACKED_KEY_MAX = 1 << 62
 _FEE_OUT = [f"{side}_{col}" for side in ("buy", "sell") for col in FEE_COLS]
 _MONEY_COLS = ["net_amount", "buy_amount", "sell_amount", *FEE_COLS]
 _QUANTITY_COLS = ("net_quantity", "buy_quantity", "sell_quantity")
+# frames["obligations_securities_idx"]: the securities obligations keyed by reference row
+# indices (participant row, sec_idx), as the commit lane adds them up between folds.
+_IDX_COLUMNS = ("trade_date", "securities_settle_date", "part_idx", "sec_idx", *_QUANTITY_COLS)
 # Regimes whose fee rates ref.memo keeps at most (a class per market, type and cycles times
 # the trade dates seen): the memo is emptied when it would outgrow this.
 REGIME_RATES_MAX = 100_000
@@ -173,18 +177,18 @@ def _require_settle_dates(accepted: pl.DataFrame, per_trade: pl.DataFrame) -> No
 
 
 def _net_securities(c: pl.DataFrame, ref: RefData) -> pl.DataFrame:
-    """Securities obligations grouped on (trade_date, sec_idx, part) as columns: the path
-    for keys too wide to pack (see _net_securities_packed)."""
+    """Securities obligations (_IDX_COLUMNS) grouped on (trade_date, sec_idx, part) as
+    columns: the path for keys too wide to pack (see _net_securities_packed)."""
     sq = pl.col("quantity") * pl.col("sign")
     zero = pl.lit(0, dtype=pl.Int64)
     legs = pl.concat(
         [
-            c.select("trade_date", "sec_idx", "securities_settle_date", pl.col(f"{side}_part_idx").alias("part"),
+            c.select("trade_date", "sec_idx", "securities_settle_date", pl.col(f"{side}_part_idx").alias("part_idx"),
                      net.alias("net_quantity"), buy.alias("buy_quantity"), sell.alias("sell_quantity"))
             for side, net, buy, sell in (("buy", sq, sq, zero), ("sell", -sq, zero, sq))
         ]
     )
-    sec = legs.group_by("trade_date", "sec_idx", "part").agg(
+    sec = legs.group_by("trade_date", "sec_idx", "part_idx").agg(
         pl.col("securities_settle_date").first(), pl.col("net_quantity", "buy_quantity", "sell_quantity").sum()
     )
     # Sorted as the key (market, trade_date, settlement date, participant_id, security_id)
@@ -192,16 +196,12 @@ def _net_securities(c: pl.DataFrame, ref: RefData) -> pl.DataFrame:
     # participants by participant_id, so their row numbers order them (measured, 21 k rows:
     # 3 against 7 ms on the strings).
     sec = sec.with_columns(pl.Series("market_rank", ref.market_rank[sec["sec_idx"].to_numpy()])).sort(
-        "market_rank", "trade_date", "securities_settle_date", "part", "sec_idx")
-    names = ref.securities.select("market", "security_id")[sec["sec_idx"].to_numpy()]
-    sec = pl.concat(
-        [sec, names, ref.participants.select("participant_id")[sec["part"].to_numpy()]], how="horizontal"
-    ).select(schema.OUTPUT["obligations_securities"].names)
-    return sec
+        "market_rank", "trade_date", "securities_settle_date", "part_idx", "sec_idx")
+    return sec.select(*_IDX_COLUMNS[:2], pl.col(*_IDX_COLUMNS[2:4]).cast(pl.Int32), *_QUANTITY_COLS)
 
 
 def _net_securities_packed(c: pl.DataFrame, ref: RefData) -> pl.DataFrame | None:
-    """Securities obligations through one int64 key per leg, packed from (market rank,
+    """Securities obligations (_IDX_COLUMNS) through one int64 key per leg, packed from (market rank,
     trade date, settlement offset, participant, security) in the output's sort order: one
     integer group-by, one integer sort, and the fields decoded from the groups (100,000
     trades: 17 ms CPU, against 3-column grouping and a 5-column sort). The settlement date
@@ -244,12 +244,24 @@ def _net_securities_packed(c: pl.DataFrame, ref: RefData) -> pl.DataFrame | None
     day += day_min
     # Column by column, not by queries (see _cash_rows).
     return pl.DataFrame([
-        ref.securities["market"][sec],
         _dates("trade_date", day),
         _dates("securities_settle_date", day + offset),
+        pl.Series("part_idx", part, dtype=pl.Int32),
+        pl.Series("sec_idx", sec, dtype=pl.Int32),
+        *groups,
+    ])
+
+
+def _named(by_idx: pl.DataFrame, ref: RefData) -> pl.DataFrame:
+    """Obligations by reference indices (_IDX_COLUMNS) as the output's rows, same order."""
+    sec, part = by_idx["sec_idx"].to_numpy(), by_idx["part_idx"].to_numpy()
+    return pl.DataFrame([
+        ref.securities["market"][sec],
+        by_idx["trade_date"],
+        by_idx["securities_settle_date"],
         ref.participants["participant_id"][part],
         ref.securities["security_id"][sec],
-        *groups,
+        *by_idx.select(_QUANTITY_COLS).get_columns(),
     ])
 
 
@@ -282,9 +294,10 @@ def _unpacked(key: np.ndarray, radices: list[int]) -> list[np.ndarray]:
     return fields[::-1]
 
 
-def _obligations(c: pl.DataFrame, ref: RefData) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Net per obligation key. Grouping runs on integer ids (~3x faster than on the
-    strings, measured); the strings are attached to the few aggregated rows afterwards."""
+def _obligations(c: pl.DataFrame, ref: RefData) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """Net per obligation key: securities by reference indices and as output rows, cash.
+    Grouping runs on integer ids (~3x faster than on the strings, measured); the strings
+    are attached to the few aggregated rows afterwards."""
     sec = _net_securities_packed(c, ref)
     if sec is None:
         sec = _net_securities(c, ref)
@@ -292,7 +305,7 @@ def _obligations(c: pl.DataFrame, ref: RefData) -> tuple[pl.DataFrame, pl.DataFr
     agg = _net_cash_dense(c, pair_of_sec, len(pairs), ref.participants.height)
     if agg is None:
         agg = _net_cash_legs(c, pair_of_sec, len(pairs), ref.participants.height)
-    return sec, _cash_rows(agg, ref)
+    return sec, _named(sec, ref), _cash_rows(agg, ref)
 
 
 def _cash_rows(agg: pl.DataFrame, ref: RefData) -> pl.DataFrame:
@@ -495,5 +508,6 @@ class Clear:
             per_trade = _per_trade(ref, a.select(_INPUTS)).drop("seq")
         _require_settle_dates(a, per_trade)
         t = pl.concat([a, per_trade], how="horizontal").with_columns(pl.col(_SIGNED) * pl.col("sign").cast(pl.Int64))
-        sec, cash = _obligations(t, ref)
-        return window.add(cleared=t, obligations_securities_delta=sec, obligations_cash_delta=cash)
+        by_idx, sec, cash = _obligations(t, ref)
+        return window.add(cleared=t, obligations_securities_idx=by_idx, obligations_securities_delta=sec,
+                          obligations_cash_delta=cash)

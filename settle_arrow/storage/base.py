@@ -541,25 +541,36 @@ class Storage(abc.ABC):
             self._rollback()
             raise
 
-    def trade_rows_since_snapshot(self) -> int:
+    def trade_rows_since_snapshot(self, key: str = schema.HOLDINGS_SNAPSHOT_KEY) -> int:
+        """Trade rows of the windows after the snapshot whose window meta `key` names."""
         # A constant, not a subquery: the scan then skips the windows before the snapshot.
         return int(self._query("SELECT COUNT(*) AS n FROM trade_facts WHERE window_id > ?",
-                               (self._snapshot_window(schema.HOLDINGS_SNAPSHOT_KEY),))["n"][0].as_py())
+                               (self._snapshot_window(key),))["n"][0].as_py())
 
-    def fold_obligations(self) -> int:
+    def fold_obligations(self, since_snapshot: pa.Table | None = None) -> int:
         """Make obligations_securities_snapshot the securities obligations as of the last
         committed window, in one transaction (the view's contents stay the same: it then adds
-        no trade row); returns its rows."""
-        cols = ", ".join(c for c in schema.STORAGE["obligations_securities_snapshot"].names if c != "window_id")
+        no trade row); returns its rows. `since_snapshot` (schema.OBLIGATIONS_IDS): the
+        obligations of every window committed after the snapshot, as the caller netted them,
+        added to it instead of the view's netting of the trade rows (None: the view's)."""
+        cols = ", ".join(schema.OBLIGATIONS_IDS.names)
         self._begin()
         try:
             window_id = self.max_window_id()
+            if since_snapshot is not None:
+                rows = conform(since_snapshot, schema.OBLIGATIONS_IDS)
+                assert not any(rows[c].null_count for c in rows.column_names), "obligations without nulls"
+                if rows.num_rows:
+                    self._append("obligations_securities_snapshot", _with_window_id(rows, window_id))
+                # The view now sums the snapshot and these rows, and adds no trade row.
+                self._put_meta({schema.OBLIGATIONS_SNAPSHOT_KEY: str(window_id)})
             folded = self._query(f"SELECT {cols} FROM obligations_securities_ids")
             self._execute("DELETE FROM obligations_securities_snapshot")
             if folded.num_rows:
                 self._append("obligations_securities_snapshot", conform(
                     _with_window_id(folded, window_id), schema.STORAGE["obligations_securities_snapshot"]))
-            self._put_meta({schema.OBLIGATIONS_SNAPSHOT_KEY: str(window_id)})
+            if since_snapshot is None:
+                self._put_meta({schema.OBLIGATIONS_SNAPSHOT_KEY: str(window_id)})
             self._commit()
         except BaseException:
             self._rollback()
