@@ -8,12 +8,14 @@ Data model:
              snapshot, in storage encoding (dimension ids); `staged`: those of the pieces of
              a window in pieces that has not committed yet.
 
-Invariants: only the commit lane touches it, in window order, and only after the commit
-that made its windows durable, so it is always exactly the obligations of the committed
-windows after the snapshot (the view obligations_securities_ids adds the same from the
-trade rows: a fold by either gives one table; tests/test_obligations_fold.py). Its rows are
-kept as frames that are merged (grouped and summed) once they outgrow MERGE_ROWS_MIN and
-twice the rows of the last merge: memory O(keys) and each row merged O(1) times, amortised.
+Invariants: only the commit lane touches it (the engine's thread only while the lane is
+idle or gone: an abandoned window, the fold that ends a run), in window order, and only
+after the commit that made its windows durable, so it is always exactly the obligations of
+the committed windows after the snapshot (the view obligations_securities_ids adds the
+same from the trade rows: a fold by either gives one table; tests/test_obligations_fold.py).
+Its rows are kept as frames that are merged (grouped and summed) once they outgrow
+MERGE_ROWS_MIN and twice the rows of the last merge: memory O(keys) and each row merged
+O(1) times, amortised.
 """
 
 from __future__ import annotations
