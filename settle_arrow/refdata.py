@@ -364,7 +364,12 @@ def _by_runs(frame: pl.DataFrame, cols: list[str], lookup: Callable[[pl.DataFram
 
     if 2 * int(heads_of(keys.head(RUNS_SAMPLE_ROWS)).sum()) > min(keys.height, RUNS_SAMPLE_ROWS):
         return lookup(keys)
-    starts = np.flatnonzero(heads_of(keys))
+    # Chunk by chunk: a shift across the chunks a Parquet read leaves costs 2-4x more (10 M
+    # rows in 10 chunks: 0.08-0.19 -> 0.04 s, measured). Each chunk's first row counts as a
+    # head: a run split there is looked up twice, with the same answer.
+    bounds = np.cumsum([0, *keys[cols[0]].chunk_lengths()])
+    heads = [heads_of(keys.slice(lo, hi - lo)) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    starts = np.flatnonzero(np.concatenate(heads or [np.ones(0, dtype=bool)]))
     # Each run's answer repeated over its length: a gather through cumsum(heads) cost
     # 0.2-0.3 s on 10 M rows, this ~0.02 s (measured).
     return np.repeat(lookup(keys[starts]), np.diff(starts, append=keys.height))

@@ -16,8 +16,10 @@ Pins down:
 from __future__ import annotations
 
 import csv
+import threading
 from pathlib import Path
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
@@ -148,12 +150,25 @@ def test_bad_opening_holdings_fail_replay(tmp_path, backend, rows, message):
 @given(keys=st.lists(st.tuples(st.sampled_from(["A1", "A2", "A3", "A9"]), st.sampled_from(["600000", "600001"])),
                      unique=True, min_size=1, max_size=8),
        order=st.sampled_from(["account", "security", "as drawn"]), sample_rows=st.sampled_from([1, 2, 65_536]),
-       undefined=st.sampled_from([None, "account", "security"]))
-def test_opening_load_ignores_row_order(tmp_path_factory, monkeypatch, keys, order, sample_rows, undefined):
+       undefined=st.sampled_from([None, "account", "security"]), chunk_rows=st.sampled_from([None, 1, 2, 3]))
+def test_opening_load_ignores_row_order(tmp_path_factory, monkeypatch, keys, order, sample_rows, undefined,
+                                        chunk_rows):
     """Looked up per run of equal keys when a column is sorted, row by row when not (judged on
-    a leading sample of `sample_rows`): either way every row gets its own account and
-    security, and an undefined one is named."""
+    a leading sample of `sample_rows`), runs found chunk by chunk of the file's read
+    (`chunk_rows` a chunk): either way every row gets its own account and security, and an
+    undefined one is named."""
     monkeypatch.setattr(refdata_module, "RUNS_SAMPLE_ROWS", sample_rows)
+    if chunk_rows:
+        load_table = refdata_module._load_table
+
+        def in_chunks(dir_url: str, name: str) -> pl.DataFrame:
+            frame = load_table(dir_url, name)
+            if name != "holdings":
+                return frame
+            return pl.concat([frame.slice(at, chunk_rows) for at in range(0, frame.height, chunk_rows)] or [frame],
+                             rechunk=False)
+
+        monkeypatch.setattr(refdata_module, "_load_table", in_chunks)
     rows = [(a, "XSHG", s, 100 + i) for i, (a, s) in enumerate(keys)]
     if undefined == "account":
         rows.append(("A7", "XSHG", "600000", 1))
@@ -422,6 +437,50 @@ def test_init_opening_sorts_an_unsorted_opening(new_target):
     assert stored == base and snapshots == 0
 
 
+@pytest.mark.parametrize("start", ["fresh", "restart"])
+def test_state_built_while_the_reader_reads_ahead(small_market, small_market_tables, new_target, monkeypatch, start):
+    """replay builds the state inside run, beside its reader: the build (a fresh start's
+    opening, a restart's recovery) here waits for three windows to be prepared first, which
+    only a reader already running can do (a timeout fails the test instead of hanging it);
+    the tables are a batch replay's all the same, and a build that fails leaves no reader
+    thread behind."""
+    files, ref, db = list(small_market.trade_files), small_market.refdata_dir, new_target()
+    if start == "restart":
+        replay(files[:1], ref, db, window_rows=250)
+    prepared = threading.Semaphore(0)
+    real_prepare = engine.Engine.prepare
+
+    def prepare(self, window_id, frame):
+        window = real_prepare(self, window_id, frame)
+        prepared.release()
+        return window
+
+    def after_three(build):
+        def wait_then_build(*args):
+            assert all(prepared.acquire(timeout=30) for _ in range(3)), "no window prepared while the state was built"
+            return build(*args)
+        return wait_then_build
+
+    monkeypatch.setattr(engine.Engine, "prepare", prepare)
+    if start == "fresh":
+        monkeypatch.setattr(engine.Engine, "_init_opening", after_three(engine.Engine._init_opening))
+    else:
+        monkeypatch.setattr(engine, "recover", after_three(engine.recover))
+    replay(files, ref, db, window_rows=250)
+    with open_target(db) as t:
+        for name, table in small_market_tables.items():
+            assert t.table(name).equals(table), f"{name} differs"
+
+    def refused(*args):
+        raise RefDataError("a state that cannot be built")
+
+    monkeypatch.setattr(engine, "recover", refused)
+    with pytest.raises(RefDataError, match="cannot be built"):
+        replay(files, ref, db, window_rows=250)
+    assert not [t for t in threading.enumerate() if t.name.startswith(("settle-prefetch", "settle-commit"))], \
+        "a reader or commit thread outlived the replay"
+
+
 def test_fresh_start_state_equals_the_recovered_state(tmp_path, new_target):
     """A TARGET's first start keeps the opening it just stored as its state instead of
     reading it back: that state equals what recovery builds from the TARGET."""
@@ -457,7 +516,6 @@ def test_opening_fingerprint_is_the_rows_not_their_order(rows, seed):
     """The fingerprint hashes the rows in key order, so any row order gives the same one,
     and the key-order check agrees with sorting; another quantity gives another one."""
     import numpy as np
-    import polars as pl
 
     from settle_arrow.dims import opening_fingerprint
     from settle_arrow.storage.base import ids_in_key_order
