@@ -8,8 +8,6 @@ piece that ends no window; storage.commit_windows for a window's last piece, tog
 the windows processed while the commit before them ran (group commit; commit lane),
 which then adds the windows' securities obligations to its sums since the last fold
 (obligations.py) and writes any snapshot or fold that came due; a run ends with a fold.
-A replay builds its state (the opening's store and load, or recovery) inside run, while its
-reader prepares the first windows ahead on the other core (AHEAD_ROWS_FIRST).
 
 Invariants:
   * one Python iteration per piece, never per row;
@@ -54,7 +52,7 @@ from settle_arrow.io.files import SourceError, SourceFile, discover, read_frames
 from settle_arrow.io.parse import ColumnTypeError, coerce, to_text
 from settle_arrow.kernel_loader import load_in_background
 from settle_arrow.obligations import SinceFold
-from settle_arrow.pipeline import CommitLane, Prefetch
+from settle_arrow.pipeline import CommitLane, prefetch
 from settle_arrow.recovery import recover
 from settle_arrow.refdata import RefData, RefDataError, load_refdata
 from settle_arrow.stages.base import Stage, StageContext, Window
@@ -94,17 +92,6 @@ SNAPSHOT_PIECE_ROWS = 1_000_000
 # 5 M-trade replay.
 COMMIT_GROUP_WINDOWS_MAX = 16
 COMMIT_GROUP_ROWS_MAX = 100_000
-# While the run builds its state (a fresh start's opening holdings, a restart's recovery:
-# 1-3 s, much of it on one core), the reader prepares up to this many input rows ahead
-# instead of one piece, so the other core does the first windows' decoding and stateless
-# work. Measured, 5 M trades at 100,000-row windows: 11 alternating pairs, wall 0.3 s
-# shorter on average (median 0.4 s; -1.4 to +1.9 s on a noisy VM), steady rate ~+10%;
-# the backlog it leaves puts those windows' latency at 1.2-2 s, and peak RSS +0.45 GB
-# (a prepared 100,000-row window holds ~40 MB). A live feed does not read ahead (its
-# latency is the point).
-AHEAD_ROWS_FIRST = 2_000_000
-# ... and at most this many pieces: tiny windows cost more in Polars frames than in rows.
-AHEAD_PIECES_FIRST_MAX = 256
 STAGES: tuple[Stage, ...] = (Validate(), Clear(), Register())
 # A paced replay (a live feed) faster than this is a full-speed one in all but name.
 PACE_TRADES_PER_S_MAX = 1_000_000_000
@@ -130,8 +117,7 @@ class ReplayReport:
 
 @dataclasses.dataclass(frozen=True)
 class WindowTiming:
-    """When one committed window's input was complete (the reader cut its last piece, or
-    the engine's state was built where the reader cut it before: AHEAD_ROWS_FIRST), when
+    """When one committed window's input was complete (the reader cut its last piece), when
     the commit job of that last piece began on the commit lane (a window in pieces staged
     the earlier ones before), and when its commit returned (durable); all
     time.perf_counter() seconds of the replaying process."""
@@ -317,36 +303,19 @@ def _combine(digests: list[str]) -> str:
 class Engine:
     """Runs stages over windows into one TARGET; owns state, commits, metrics, errors."""
 
-    def __init__(self, storage: Storage, refdata: RefData, stages: tuple[Stage, ...] = STAGES,
-                 defer_state: bool = False):
-        """`defer_state`: the opening holdings are stored and the state built by the first
-        run, while its reader reads ahead (else here)."""
+    def __init__(self, storage: Storage, refdata: RefData, stages: tuple[Stage, ...] = STAGES):
         self.storage = storage
         self.refdata = refdata
         self.stages = stages
         storage.ensure_schema()
         self.dims = sync_dims(storage, refdata)
+        started = self._init_opening()
+        # A TARGET that has just stored its opening holds nothing else, so its state is the
+        # opening, in memory and in key order already: no read back of ten million rows.
+        self._set_state(started if started is not None else recover(storage, refdata, self.dims))
         self._delta_rows = {name: storage.count(name) for name in schema.DELTAS}
         self._folded_rows = dict(self._delta_rows)
-        self.state: EngineState | None = None
-        self._obligations: SinceFold | None = None
         self._state_ahead = False
-        if not defer_state:
-            self._ensure_state()
-
-    def _ensure_state(self) -> EngineState:
-        """The state, built where there is none yet (a deferred start) or rebuilt from the
-        database where an earlier run stopped with it past its last commit."""
-        if self.state is None:
-            started = self._init_opening()
-            # A TARGET that has just stored its opening holds nothing else, so its state is
-            # the opening, in memory and in key order already: no read back of ten million rows.
-            self._set_state(started if started is not None else recover(self.storage, self.refdata, self.dims))
-        elif self._state_ahead:
-            self._set_state(recover(self.storage, self.refdata, self.dims))
-        self._state_ahead = False
-        assert self.state is not None
-        return self.state
 
     def _init_opening(self) -> EngineState | None:
         """Store or check the opening holdings; the state when this start stored them into a
@@ -437,7 +406,6 @@ class Engine:
 
     def process(self, window: Window) -> Window:
         """Run the stages over one prepared window (no I/O, no state change)."""
-        assert self.state is not None, "a state to process against (run builds it)"
         ctx = StageContext(refdata=self.refdata, state=self.state)
         for stage in self.stages:
             window = stage.process(window, ctx)
@@ -450,10 +418,8 @@ class Engine:
         on_window: Callable[[int, int], None] | None = None,
         on_commit: Callable[[WindowTiming], None] | None = None,
         pace_trades_per_s: float | None = None,
-        on_start: Callable[[tuple[SourceFile, ...]], None] | None = None,
     ) -> ReplayReport:
-        """Replay `sources` (see module doc). on_start(sources) once the state is built,
-        before the first window is processed. After each window commits, in window order and
+        """Replay `sources` (see module doc). After each window commits, in window order and
         in this thread: on_window(rows read so far, windows so far) and on_commit(its timing);
         the windows of one group commit get theirs one after another once it committed (so
         the TARGET may already hold windows after the one called for).
@@ -472,16 +438,12 @@ class Engine:
         read = accepted = windows = 0
         window_id = self.storage.max_window_id()
         self.dims = with_sources(self.storage, self.dims, [s.url for s in sources])
-        if pace_trades_per_s is not None:
-            # A live feed's clock starts once the engine can take its rows: windows that
-            # arrived while the state was built would count that time as their latency.
-            self._ensure_state()
+        if self._state_ahead:  # an earlier run stopped with state past its last commit
+            self._set_state(recover(self.storage, self.refdata, self.dims))
+            self._state_ahead = False
         # Reading, decoding and each stage's stateless work run one piece ahead in the
-        # reader thread (AHEAD_ROWS_FIRST while the state is built); window ids are
-        # assigned there, in order.
+        # reader thread; window ids are assigned there, in order.
         reader_stop = threading.Event()  # set when the processing loop has gone
-        piece_rows = min(window_rows or PIECE_ROWS_MAX, PIECE_ROWS_MAX)
-        pieces_first = max(1, min(AHEAD_PIECES_FIRST_MAX, AHEAD_ROWS_FIRST // piece_rows))
 
         def ahead() -> Iterator[tuple[_RawWindow, Window, float]]:
             next_id = window_id + 1
@@ -518,17 +480,8 @@ class Engine:
                     lane.drain()
 
         try:
-            with Prefetch(ahead(), stop=reader_stop, on_wait=idle, depth_first=pieces_first) as pieces, \
-                    CommitLane() as lane:
-                self._ensure_state()
-                # The state's load numbers no window (the opening's checkpoint is window 0).
-                assert self.storage.max_window_id() == window_id, "windows numbered from the last committed"
-                # A window read ahead while the state was built counts its latency from here,
-                # when the engine could take it, as a live feed's (whose clock starts here).
-                ready_s = time.perf_counter()
-                if on_start:
-                    on_start(sources)
-                for raw, prepared, cut_s in pieces:
+            with CommitLane() as lane:
+                for raw, prepared, cut_s in prefetch(ahead(), stop=reader_stop, on_wait=idle):
                     window_id = prepared.window_id
                     window = self.process(prepared)
                     problems = checks.window_violations(window)
@@ -571,7 +524,7 @@ class Engine:
                     runs, self._runs_pending = tuple(self._runs_pending), []
                     mark = WindowMark(window_id, checkpoint, raw.progress, runs)
                     in_pieces = len(digests) > 1
-                    held.append(_Processed(window, raw, mark, _Timing(read, windows, rows_in_window, max(cut_s, ready_s)),
+                    held.append(_Processed(window, raw, mark, _Timing(read, windows, rows_in_window, cut_s),
                                            self._snapshot_if_due()))
                     digests, rows_in_window = [], 0
                     # Group commit: while the lane commits, the windows processed meanwhile
@@ -630,7 +583,6 @@ class Engine:
     def _snapshot_if_due(self) -> tuple[np.ndarray, np.ndarray] | None:
         """The state's positions when the legs since the stored snapshot outgrow the state
         (called right after a window's last piece, so they are as of that window)."""
-        assert self.state is not None
         holdings = self.state.holdings
         if self._legs_since_snapshot <= max(COMPACT_ROWS_MIN, SNAPSHOT_GROWTH * len(holdings)):
             return None
@@ -742,16 +694,17 @@ def replay(
     sources = discover(paths)
     for src in sources:
         _check_columns(src)
-    # The files' bytes are hashed while reference data loads and dimensions sync (hashlib
-    # releases the GIL): 87 MB of trades take ~40 ms alone, 1.6 GB (100 M trades) 1.1 s of CPU.
+    # The files' bytes are hashed while reference data and state load (hashlib releases
+    # the GIL): 87 MB of trades take ~40 ms alone, 1.6 GB (100 M trades) 1.1 s of CPU.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="settle-hash") as pool:
         hashed = pool.submit(with_sha256, sources)
         ref = load_refdata(refdata)
         storage = open_storage(target)
         try:
-            # The state is built inside run, beside its reader (see AHEAD_ROWS_FIRST).
-            engine = Engine(storage, ref, defer_state=True)
-            return engine.run(hashed.result(), None if batch else window_rows, on_window, on_commit,
-                              pace_trades_per_s, on_start)
+            engine = Engine(storage, ref)
+            sources = hashed.result()
+            if on_start:
+                on_start(sources)
+            return engine.run(sources, None if batch else window_rows, on_window, on_commit, pace_trades_per_s)
         finally:
             storage.close()

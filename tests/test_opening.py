@@ -16,7 +16,6 @@ Pins down:
 from __future__ import annotations
 
 import csv
-import threading
 from pathlib import Path
 
 import polars as pl
@@ -435,50 +434,6 @@ def test_init_opening_sorts_an_unsorted_opening(new_target):
         storage.close()
     assert [tuple(r.values()) for r in base] == [(1, 3, 8), (1, 9, 6), (2, 0, 7), (2, 1, 5)]
     assert stored == base and snapshots == 0
-
-
-@pytest.mark.parametrize("start", ["fresh", "restart"])
-def test_state_built_while_the_reader_reads_ahead(small_market, small_market_tables, new_target, monkeypatch, start):
-    """replay builds the state inside run, beside its reader: the build (a fresh start's
-    opening, a restart's recovery) here waits for three windows to be prepared first, which
-    only a reader already running can do (a timeout fails the test instead of hanging it);
-    the tables are a batch replay's all the same, and a build that fails leaves no reader
-    thread behind."""
-    files, ref, db = list(small_market.trade_files), small_market.refdata_dir, new_target()
-    if start == "restart":
-        replay(files[:1], ref, db, window_rows=250)
-    prepared = threading.Semaphore(0)
-    real_prepare = engine.Engine.prepare
-
-    def prepare(self, window_id, frame):
-        window = real_prepare(self, window_id, frame)
-        prepared.release()
-        return window
-
-    def after_three(build):
-        def wait_then_build(*args):
-            assert all(prepared.acquire(timeout=30) for _ in range(3)), "no window prepared while the state was built"
-            return build(*args)
-        return wait_then_build
-
-    monkeypatch.setattr(engine.Engine, "prepare", prepare)
-    if start == "fresh":
-        monkeypatch.setattr(engine.Engine, "_init_opening", after_three(engine.Engine._init_opening))
-    else:
-        monkeypatch.setattr(engine, "recover", after_three(engine.recover))
-    replay(files, ref, db, window_rows=250)
-    with open_target(db) as t:
-        for name, table in small_market_tables.items():
-            assert t.table(name).equals(table), f"{name} differs"
-
-    def refused(*args):
-        raise RefDataError("a state that cannot be built")
-
-    monkeypatch.setattr(engine, "recover", refused)
-    with pytest.raises(RefDataError, match="cannot be built"):
-        replay(files, ref, db, window_rows=250)
-    assert not [t for t in threading.enumerate() if t.name.startswith(("settle-prefetch", "settle-commit"))], \
-        "a reader or commit thread outlived the replay"
 
 
 def test_fresh_start_state_equals_the_recovered_state(tmp_path, new_target):

@@ -7,9 +7,7 @@ Pins down:
               exception) neither hangs nor leaves the thread running, a producer waiting on the
               caller's stop event included; on_wait runs in the consumer's thread while it
               waits, its error raised there; the producer is never more than depth + 1 items
-              ahead of the consumer; Prefetch starts at `with` and runs depth_first ahead
-              until the first item is taken, then depth; leaving its `with` before
-              iterating ends the thread.
+              ahead of the consumer.
   CommitLane  jobs run in submission order in one background thread, never two at once, and
               never a job before the previous one returned; on_done runs in the caller's
               thread, in order, at the next submit/drain and only after a successful job; a
@@ -30,7 +28,7 @@ import time
 
 import pytest
 
-from settle_arrow.pipeline import CommitLane, Prefetch, prefetch
+from settle_arrow.pipeline import CommitLane, prefetch
 
 WAIT = 2.0  # seconds: a timeout that only a broken implementation reaches
 
@@ -318,42 +316,6 @@ def test_prefetch_consumer_exception_wins_over_producer_error():
 
     with pytest.raises(ValueError, match="consumer"):
         within(consume)
-    assert not _alive("settle-prefetch")
-
-
-@pytest.mark.parametrize("depth,depth_first", [(1, 5), (2, 8)])
-def test_prefetch_runs_depth_first_ahead_before_the_first_take_then_depth(depth, depth_first):
-    """Started by `with`, the producer makes depth_first items (+1 in hand) before anything
-    is taken; once the consumer takes, it waits until fewer than `depth` are buffered."""
-    made = []
-    lock = threading.Lock()
-
-    def items():
-        for i in range(40):
-            with lock:
-                made.append(i)
-            yield i
-
-    with Prefetch(items(), depth=depth, depth_first=depth_first) as ahead:
-        time.sleep(0.3)  # room for a producer that does not stop to run ahead
-        with lock:
-            assert len(made) == depth_first + 1, f"{len(made)} made before any take, depth_first {depth_first}"
-        got = []
-        for x in ahead:
-            got.append(x)
-            if len(got) == depth_first:  # the head start consumed: from here on `depth` bounds
-                time.sleep(0.2)
-                with lock:
-                    assert len(made) - len(got) <= depth + 1, f"{len(made) - len(got)} ahead, depth {depth}"
-        assert got == list(range(40))
-
-
-def test_prefetch_left_before_iterating_stops_and_joins_its_thread():
-    """A caller whose own work fails before it iterates (a state that cannot be built)
-    leaves the `with`: the producer, waiting on a full buffer, ends with it."""
-    with pytest.raises(Boom), Prefetch(itertools.count(), depth_first=3):
-        time.sleep(0.1)
-        raise Boom
     assert not _alive("settle-prefetch")
 
 
