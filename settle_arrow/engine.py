@@ -30,7 +30,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import polars as pl
@@ -372,7 +372,8 @@ class Engine:
                              else None)
         catalogued = self.storage.state_runs()
         self._runs_noted = {name: 0 for name in KEPT_SETS}
-        self._runs_pending: list[KeptRun] = []
+        # Each with its write (SortedRuns.kept_written): a run is catalogued once written.
+        self._runs_pending: list[tuple[KeptRun, Future]] = []
         for name in KEPT_SETS:
             mine = [r for r in catalogued if r.set_name == name]
             assert [r.run_no for r in mine] == list(range(len(mine))), f"{name}: runs catalogued in order"
@@ -381,10 +382,21 @@ class Engine:
 
     def _note_runs(self, name: str, covered_window: int) -> None:
         """Queue the runs `name` froze since last noted, as covering up to `covered_window`."""
-        kept = getattr(self.state, name).kept
-        self._runs_pending += [KeptRun(name, run, kept[run], covered_window)
-                               for run in range(self._runs_noted[name], len(kept))]
-        self._runs_noted[name] = len(kept)
+        runs = getattr(self.state, name)
+        self._runs_pending += [(KeptRun(name, run, runs.kept[run], covered_window), runs.kept_written[run])
+                               for run in range(self._runs_noted[name], len(runs.kept))]
+        self._runs_noted[name] = len(runs.kept)
+
+    def _written_runs(self, wait: bool = False) -> tuple[KeptRun, ...]:
+        """The pending runs whose files are written (all of them with `wait`), taken off the
+        queue: a prefix, as one thread writes them in the order they froze, so each set's
+        runs are still catalogued in order. A failed write is raised here."""
+        n = 0
+        while n < len(self._runs_pending) and (wait or self._runs_pending[n][1].done()):
+            self._runs_pending[n][1].result()
+            n += 1
+        written, self._runs_pending = self._runs_pending[:n], self._runs_pending[n:]
+        return tuple(run for run, _ in written)
 
     def _same_opening(self) -> bool:
         """Exact comparison with the stored opening holdings (when the fingerprint differs);
@@ -521,8 +533,9 @@ class Engine:
                     windows += 1
                     checkpoint = {"source": raw.last_source, "offset": raw.last_offset, "rows": rows_in_window,
                                   "digest": digests[0] if len(digests) == 1 else _combine(digests)}
-                    runs, self._runs_pending = tuple(self._runs_pending), []
-                    mark = WindowMark(window_id, checkpoint, raw.progress, runs)
+                    # A run frozen by this window or one before it whose files are still being
+                    # written goes with a later commit, with the window it covers.
+                    mark = WindowMark(window_id, checkpoint, raw.progress, self._written_runs())
                     in_pieces = len(digests) > 1
                     held.append(_Processed(window, raw, mark, _Timing(read, windows, rows_in_window, cut_s),
                                            self._snapshot_if_due()))
@@ -539,6 +552,8 @@ class Engine:
             self._abort_window()  # pieces of an unfinished window never commit
             raise
         self._state_ahead = False
+        if self._runs_pending:  # written after the last commit: a restart maps them, not replays
+            self.storage.catalogue_state_runs(self.storage.max_window_id(), self._written_runs(wait=True))
         if windows and (self._obligations is None or self._obligations.rows):
             # The TARGET ends each run folded: its obligations are read from the snapshot
             # alone (the self-checks below read them twice: 5 M trades, 0.45 s a read of

@@ -9,6 +9,7 @@ Freeze sizes are a few dozen keys here, so the bundled sample freezes many runs.
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +147,64 @@ def test_runs_kept_across_restarts_keep_the_digests(tmp_path, monkeypatch, windo
             _same_history(_history(eng.storage, eng.refdata, eng.dims), eng.state)
         finally:
             eng.storage.close()
+    assert _digests(db) == GOLDEN
+
+
+def test_runs_written_after_their_window_are_catalogued_by_a_later_commit(tmp_path, monkeypatch):
+    """A frozen run is written in the background: one whose write ends after its window
+    committed is catalogued by a later commit, or after the run's last, still with the
+    window it covers; when the run returns every frozen run is catalogued, in order, and
+    a restart from them keeps the golden digests."""
+    spill = state._spill
+
+    def slow(*args):
+        time.sleep(0.03)  # several 97-row windows commit meanwhile
+        return spill(*args)
+
+    monkeypatch.setattr(state, "_spill", slow)
+    db = str(tmp_path / "t.duckdb")
+    for upto in (3, 6):
+        eng = _run(db, FILES[:upto], 97)
+        try:
+            for name in state.KEPT_SETS:
+                runs = [r.run_no for r in eng.storage.state_runs() if r.set_name == name]
+                assert runs == list(range(getattr(eng.state, name).n_frozen)), f"{name}: every run catalogued"
+            _check_coverage(eng.storage, eng.state)
+            _same_history(_history(eng.storage, eng.refdata, eng.dims), eng.state)
+            rows = eng.storage.query("SELECT covered_window, window_id FROM state_runs")
+            late = [c < w for c, w in zip(rows["covered_window"].to_pylist(), rows["window_id"].to_pylist(), strict=True)]
+            assert any(late), "some run catalogued by a later commit than its window's"
+        finally:
+            eng.storage.close()
+    assert _digests(db) == GOLDEN
+
+
+def test_a_failed_run_write_fails_the_run_and_a_restart_rebuilds(tmp_path, monkeypatch):
+    """A frozen run whose write fails (a full disk, say) stops the run with that error
+    before any commit catalogues it; the next run rebuilds the state from the database and
+    the tables keep their golden digests."""
+    spill = state._spill
+    writes = []
+
+    def failing(*args):
+        writes.append(args[-1])
+        if len(writes) == 4:
+            raise OSError(28, "No space left on device")
+        return spill(*args)
+
+    monkeypatch.setattr(state, "_spill", failing)
+    db = str(tmp_path / "t.duckdb")
+    with pytest.raises(OSError, match="No space left"):
+        replay(FILES[:4], REFDATA, db, window_rows=97)
+    storage = open_storage(db)
+    try:
+        catalogued = storage.state_runs()
+    finally:
+        storage.close()
+    failed = writes[3]
+    assert failed is not None and all(r.files != failed for r in catalogued), "the failed run is not catalogued"
+    monkeypatch.setattr(state, "_spill", spill)
+    replay(FILES, REFDATA, db, window_rows=97)
     assert _digests(db) == GOLDEN
 
 

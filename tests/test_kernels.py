@@ -129,6 +129,7 @@ def test_warm_loads_every_type_the_state_passes(tmp_path):
     for dtype in (np.int64, np.uint64):
         runs = SortedRuns(dtype, frozen_rows_min=4, spill_dir=str(tmp_path))
         runs.insert(np.arange(0, 40, 2, dtype=dtype))  # frozen and spilled: read-only
+        runs.wait_written()
         runs.insert(np.arange(1, 4, 2, dtype=dtype))  # hot: writable
         assert runs.n_frozen == 1 and not runs.runs[0][0].flags.writeable
         probe = np.arange(0, 40, dtype=dtype)

@@ -58,7 +58,11 @@ def _behave_as_a_dict(tmp_path_factory, batches, frozen, spill, probe):
         run_of, pos_of = runs.find(every)
         assert list(runs.gather("v", run_of, pos_of, fill=-1)) == [oracle[int(k)] for k in every]
     if spill_dir:
+        # Runs written in the background are mapped from then on, with the same answers.
+        runs.wait_written()
         assert all(k.base is not None and not k.flags.writeable for k, _ in runs.runs[: runs.n_frozen] if len(k))
+        run_of, pos_of = runs.find(every)
+        assert list(runs.gather("v", run_of, pos_of, fill=-1)) == [oracle[int(k)] for k in every]
 
 
 @settings(max_examples=300, deadline=None)

@@ -436,6 +436,20 @@ class Storage(abc.ABC):
             raise
 
     # --- kept state runs (backends with a state_dir) ----------------------------------
+    def catalogue_state_runs(self, window_id: int, runs: tuple[KeptRun, ...]) -> None:
+        """Catalogue `runs`, written after the commit of window `window_id` (the last one),
+        in a transaction of their own."""
+        assert window_id == self.max_window_id(), "runs catalogued after the last commit"
+        if not runs:
+            return
+        self._begin()
+        try:
+            self._put_state_runs(window_id, runs)
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+
     def _put_state_runs(self, window_id: int, runs: tuple[KeptRun, ...]) -> None:
         """Make `runs`' files durable and catalogue them, inside the open transaction."""
         raise AssertionError(f"{type(self).__name__} keeps no state runs (state_dir is None)")
