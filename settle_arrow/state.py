@@ -393,12 +393,6 @@ def _done() -> Future:
     return written
 
 
-def runs_written() -> None:
-    """Wait for every frozen run submitted to the writer so far (its one thread takes them
-    in order), whatever their outcome."""
-    _WRITER.submit(lambda: None).result()
-
-
 def _map_file(path: str, dtype: np.dtype, maps: list[mmap.mmap]) -> np.ndarray:
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
