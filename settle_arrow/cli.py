@@ -47,6 +47,8 @@ def _guard(fn, *args, **kwargs):
         raise _fail(exc, 3) from None
     except StorageError as exc:
         raise _fail(exc, 4) from None
+    except OSError as exc:  # the machine's, not the user's: a full disk, a vanished mount
+        raise _fail(exc, 4) from None
 
 
 @app.command()

@@ -124,6 +124,29 @@ def test_replay_again_and_batch(market, db, new_target):
     assert_same_tables(snapshot(paced_db), snapshot(db))
 
 
+def test_a_full_disk_during_a_replay_is_one_error_line(market, db, new_target):
+    """A write the machine refuses during a run (a full disk, here at a frozen state run's
+    file) prints one `error:` line and exits 4, no traceback; the same command run again
+    continues where the database stands, to the tables of an uninterrupted run."""
+    script = ("import sys\n"
+              "from settle_arrow import state\n"
+              "state.SEEN_FROZEN_ROWS = state.ACCEPTED_FROZEN_ROWS = 500\n"
+              "def full(*args): raise OSError(28, 'No space left on device')\n"
+              "state._spill = full\n"
+              "from settle_arrow.cli import app\n"
+              "app(prog_name='settle-arrow')\n")
+    target = new_target("full")
+    args = ["replay", str(market / "trades"), "--refdata", str(market / "refdata"), "--db", target, "--window", "400",
+            "--quiet"]
+    res = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 4, f"exit {res.returncode}\n{res.stdout}\n{res.stderr}"
+    assert "Traceback" not in res.stderr + res.stdout
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.match(r"error: .*No space left on device", lines[0]), res.stderr
+    ok(cli(*args))
+    assert_same_tables(snapshot(target), snapshot(db))
+
+
 @pytest.mark.parametrize("table", TABLES)
 def test_export_parquet_and_csv(db, tmp_path, table):
     want = schema.OUTPUT[table]
