@@ -9,7 +9,8 @@ committed files. The opening's rows belong to no window: its file carries the wi
 opening's own checkpoint (the first), so the view shows it once that commits. The same
 directory holds the engine's kept state runs (`<set>-<run>-<column>.bin`, catalogued in
 `state_runs`, schema.STATE_RUNS, by the first commit after their files were written, of
-the window whose state froze them or a later one; fsynced before it). A TARGET is the file and that directory: copy or move them together.
+the window whose state froze them or a later one; fsynced before it). A TARGET is the
+file and that directory: copy or move them together.
 
 Segment invariants: a file is complete before it has a name the view reads (written as
 `.tmp`, fsynced, renamed), and its directory entry is durable before the COMMIT that
