@@ -172,8 +172,7 @@ def copy_target(src: str, dst: str) -> dict[str, int]:
             if present:
                 raise UserError(f"{dest.url} is not empty (it has table {present[0]}): copy needs a new TARGET")
             with source.snapshot():
-                dest._begin()
-                try:
+                with dest.transaction():
                     dest._create_schema()
                     dest._execute("DELETE FROM meta")  # the source's meta comes whole
                     for name, target in schema.STORAGE.items():
@@ -183,10 +182,6 @@ def copy_target(src: str, dst: str) -> dict[str, int]:
                                 dest._append(name, conform(piece, target))
                                 copied[name] += piece.num_rows
                     dest._snapshot_views()  # meta came whole, not through _put_meta
-                    dest._commit()
-                except BaseException:
-                    dest._rollback()
-                    raise
         finally:
             dest.close()
     return copied

@@ -46,19 +46,18 @@ def as_version_5(db: str) -> None:
     trade rows, one row per key and window), no snapshot table, the old view."""
     w = open_storage(db)
     try:
-        w._begin()
-        w._create_table("obligations_securities_delta", V5_DELTA)
-        w._execute(f"""
-            INSERT INTO obligations_securities_delta
-            SELECT s.market, o.trade_date, o.securities_settle_date, p.participant_id, s.security_id,
-                   o.net_quantity, o.buy_quantity, o.sell_quantity, o.window_id
-            FROM ({BY_WINDOW}) o JOIN dim_security s ON s.id = o.sec_id JOIN dim_participant p ON p.id = o.part_id""")
-        w._execute("DROP VIEW obligations_securities")
-        w._execute("DROP VIEW obligations_securities_ids")
-        w._execute("DROP TABLE obligations_securities_snapshot")
-        w._execute(V5_VIEW)
-        w._execute("DELETE FROM meta WHERE key = ?", (schema.OBLIGATIONS_SNAPSHOT_KEY,))
-        w._put_meta({"schema_version": "5"})
-        w._commit()
+        with w.transaction():
+            w._create_table("obligations_securities_delta", V5_DELTA)
+            w._execute(f"""
+                INSERT INTO obligations_securities_delta
+                SELECT s.market, o.trade_date, o.securities_settle_date, p.participant_id, s.security_id,
+                       o.net_quantity, o.buy_quantity, o.sell_quantity, o.window_id
+                FROM ({BY_WINDOW}) o JOIN dim_security s ON s.id = o.sec_id JOIN dim_participant p ON p.id = o.part_id""")
+            w._execute("DROP VIEW obligations_securities")
+            w._execute("DROP VIEW obligations_securities_ids")
+            w._execute("DROP TABLE obligations_securities_snapshot")
+            w._execute(V5_VIEW)
+            w._execute("DELETE FROM meta WHERE key = ?", (schema.OBLIGATIONS_SNAPSHOT_KEY,))
+            w._put_meta({"schema_version": "5"})
     finally:
         w.close()

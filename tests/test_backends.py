@@ -225,23 +225,43 @@ def test_every_stored_type_round_trips_exactly(new_target):
                 rng.shuffle(values)
                 cols[f.name] = pa.array(values[:25], f.type)
             data = pa.table(cols, schema=s)
-            storage._begin()
-            if name in schema.SEGMENTED:
-                # Rows of committed windows (a backend may keep them as segment files shown up
-                # to the last checkpoint): a window id each, and a checkpoint past them.
-                data = data.set_column(s.get_field_index("window_id"), "window_id",
-                                       pa.array(range(1, data.num_rows + 1), pa.int64()))
-                storage._append("checkpoints", pa.Table.from_pylist(
-                    [{"window_id": data.num_rows, "source": "s", "offset": 0, "rows": 0, "digest": ""}],
-                    schema=schema.STORAGE["checkpoints"]))
-            elif name not in storage.file_tables:  # a backend's file tables start empty
-                storage._execute(f"DELETE FROM {name}")
-            storage._append(name, data)
-            storage._commit()
+            with storage.transaction():
+                if name in schema.SEGMENTED:
+                    # Rows of committed windows (a backend may keep them as segment files shown up
+                    # to the last checkpoint): a window id each, and a checkpoint past them.
+                    data = data.set_column(s.get_field_index("window_id"), "window_id",
+                                           pa.array(range(1, data.num_rows + 1), pa.int64()))
+                    storage._append("checkpoints", pa.Table.from_pylist(
+                        [{"window_id": data.num_rows, "source": "s", "offset": 0, "rows": 0, "digest": ""}],
+                        schema=schema.STORAGE["checkpoints"]))
+                elif name not in storage.file_tables:  # a backend's file tables start empty
+                    storage._execute(f"DELETE FROM {name}")
+                storage._append(name, data)
             names = ", ".join(f'"{c}"' for c in s.names)
             back = conform(storage.query(f"SELECT {names} FROM {name}"), s)
             order = [(c, "ascending", "at_end") for c in s.names]
             assert back.sort_by(order).equals(data.sort_by(order)), name
+    finally:
+        storage.close()
+
+
+def test_transaction_commits_whole_or_not_at_all(new_target):
+    """Storage.transaction, every backend: the block commits when it ends; anything it
+    raises (an interrupt too) rolls all of it back, and the storage goes on working."""
+    storage = open_storage(new_target())
+    try:
+        storage.ensure_schema()
+        with storage.transaction():
+            storage._put_meta({"a": "1"})
+        for raised in (ValueError("bad"), KeyboardInterrupt()):
+            with pytest.raises(type(raised)):
+                with storage.transaction():
+                    storage._put_meta({"a": "2", "b": "3"})
+                    assert storage.meta()["b"] == "3"  # seen inside the transaction
+                    raise raised
+            assert {k: v for k, v in storage.meta().items() if k in "ab"} == {"a": "1"}
+        storage.set_meta({"b": "4"})
+        assert storage.meta()["b"] == "4"
     finally:
         storage.close()
 

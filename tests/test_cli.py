@@ -300,10 +300,9 @@ def test_schema_version_mismatch(market, new_target):
     ok(_replay(market, db, "--window", 5000))
     w = open_storage(db)  # pretend another settle_arrow version wrote it
     try:
-        w._begin()
-        w._execute("DELETE FROM meta WHERE key = ?", ("schema_version",))
-        w._append("meta", pa.table({"key": ["schema_version"], "value": ["999"]}))
-        w._commit()
+        with w.transaction():
+            w._execute("DELETE FROM meta WHERE key = ?", ("schema_version",))
+            w._append("meta", pa.table({"key": ["schema_version"], "value": ["999"]}))
     finally:
         w.close()
     pattern = rf"written by schema version 999; this settle_arrow uses {schema.SCHEMA_VERSION}"
@@ -322,10 +321,9 @@ def test_schema_version_4_target_is_migrated(market, new_target):
     as_version_5(db)
     w = open_storage(db)  # as schema version 4 left it
     try:
-        w._begin()
-        w._execute("ALTER TABLE sources DROP COLUMN sha256")
-        w._put_meta({"schema_version": "4"})
-        w._commit()
+        with w.transaction():
+            w._execute("ALTER TABLE sources DROP COLUMN sha256")
+            w._put_meta({"schema_version": "4"})
     finally:
         w.close()
 

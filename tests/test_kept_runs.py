@@ -223,10 +223,9 @@ def test_a_damaged_kept_run_is_rebuilt_from_the_history(tmp_path, damage):
     else:  # a catalogue that names a run out of its place
         victim.rename(victim.with_name(victim.name.replace("-000001-", "-000009-")))
         storage = DuckDBStorage(db)
-        storage._begin()
-        storage._execute("UPDATE state_runs SET file = replace(file, '-000001-', '-000009-') "
-                         "WHERE set_name = 'accepted' AND run_no = 1 AND column_name = 'quantity'")
-        storage._commit()
+        with storage.transaction():
+            storage._execute("UPDATE state_runs SET file = replace(file, '-000001-', '-000009-') "
+                             "WHERE set_name = 'accepted' AND run_no = 1 AND column_name = 'quantity'")
         storage.close()
     storage = open_storage(db)
     try:

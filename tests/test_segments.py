@@ -240,11 +240,10 @@ def test_a_target_whose_opening_is_a_table_keeps_it(tmp_path):
     storage = open_storage(str(db))
     try:
         storage.ensure_schema()
-        storage._begin()
-        storage._execute("DROP VIEW opening_holdings")
-        storage._execute("CREATE TABLE opening_holdings (acct_id INTEGER, sec_id INTEGER, quantity BIGINT)")
-        storage._execute("DELETE FROM segments WHERE table_name = 'opening_holdings'")
-        storage._commit()
+        with storage.transaction():
+            storage._execute("DROP VIEW opening_holdings")
+            storage._execute("CREATE TABLE opening_holdings (acct_id INTEGER, sec_id INTEGER, quantity BIGINT)")
+            storage._execute("DELETE FROM segments WHERE table_name = 'opening_holdings'")
         files = _segments(db)
         storage.init_opening(_opening(), "d" * 64, "f" * 64)
         assert storage.count("opening_holdings") == 3 and _segments(db) == files  # no file written

@@ -22,6 +22,7 @@ committed windows.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import datetime
 import re
@@ -205,6 +206,20 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def _table_names(self) -> set[str]: ...
 
+    @contextlib.contextmanager
+    def transaction(self, begun: bool = False) -> Iterator[None]:
+        """The block as one transaction: committed when it ends, rolled back when it raises
+        anything (an interrupt too: no reader or restart ever sees half of it). `begun`: the
+        transaction is already open (a window's staged pieces)."""
+        if not begun:
+            self._begin()
+        try:
+            yield
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+
     @abc.abstractmethod
     def close(self) -> None: ...
 
@@ -231,25 +246,15 @@ class Storage(abc.ABC):
             # A reader of an older TARGET reads it as it is (no migration adds what a read
             # needs); its next writer migrates it.
             if steps and not self.read_only:
-                self._begin()
-                try:
+                with self.transaction():
                     self._create_missing_tables(existing)
                     for stmt in steps:
                         self._execute(stmt)
                     self._create_views()
                     self._put_meta({"schema_version": str(schema.SCHEMA_VERSION)})
-                    self._commit()
-                except BaseException:
-                    self._rollback()
-                    raise
             return
-        self._begin()
-        try:
+        with self.transaction():
             self._create_schema()
-            self._commit()
-        except BaseException:
-            self._rollback()
-            raise
 
     def _create_schema(self) -> None:
         """Tables, views and the schema_version row, inside the caller's transaction."""
@@ -405,11 +410,9 @@ class Storage(abc.ABC):
                       meta: Mapping[str, str] | None = None, extra: Mapping[str, pa.Table] | None = None,
                       statements: tuple[str, ...] = ()) -> None:
         """The transaction of commit_window and commit_windows (appends with window_id)."""
-        if self._open_window is None:
-            self._begin()
         assert self._open_window in (None, marks[0].window_id), "a window's pieces commit with that window"
-        self._open_window = None
-        try:
+        begun, self._open_window = self._open_window is not None, None
+        with self.transaction(begun):
             self._appends_with_ids(appends)
             for name, data in (extra or {}).items():
                 if data.num_rows:
@@ -430,10 +433,6 @@ class Storage(abc.ABC):
             now = datetime.datetime.now(datetime.UTC)
             rows = [dict(m.checkpoint, window_id=m.window_id, committed_at=now) for m in marks]
             self._append("checkpoints", pa.Table.from_pylist(rows, schema=schema.STORAGE["checkpoints"]))
-            self._commit()
-        except BaseException:
-            self._rollback()
-            raise
 
     # --- kept state runs (backends with a state_dir) ----------------------------------
     def catalogue_state_runs(self, window_id: int, runs: tuple[KeptRun, ...]) -> None:
@@ -442,13 +441,8 @@ class Storage(abc.ABC):
         assert window_id == self.max_window_id(), "runs catalogued after the last commit"
         if not runs:
             return
-        self._begin()
-        try:
+        with self.transaction():
             self._put_state_runs(window_id, runs)
-            self._commit()
-        except BaseException:
-            self._rollback()
-            raise
 
     def _put_state_runs(self, window_id: int, runs: tuple[KeptRun, ...]) -> None:
         """Make `runs`' files durable and catalogue them, inside the open transaction."""
@@ -471,16 +465,11 @@ class Storage(abc.ABC):
         say anything (later commits catalogue new ones; unnamed files are swept)."""
         if not self.state_runs():
             return
-        self._begin()
-        try:
+        with self.transaction():
             if set_name is None:
                 self._execute("DELETE FROM state_runs")
             else:
                 self._execute("DELETE FROM state_runs WHERE set_name = ?", (set_name,))
-            self._commit()
-        except BaseException:
-            self._rollback()
-            raise
 
     def compact(self, name: str) -> int:
         """Fold a delta table into one row per key (same view contents); returns rows left."""
@@ -489,32 +478,22 @@ class Storage(abc.ABC):
         k = ", ".join(f'"{c}"' for c in keys)
         s = ", ".join(f'CAST(SUM("{c}") AS {sql_type(target.field(c).type)}) AS "{c}"' for c in sums)
         nonzero = " OR ".join(f'SUM("{c}") <> 0' for c in sums)
-        self._begin()
-        try:
+        with self.transaction():
             folded = self._query(
                 f"SELECT {k}, {s}, MAX(window_id) AS window_id FROM {name} GROUP BY {k} HAVING {nonzero}"
             )
             self._execute(f"DELETE FROM {name}")
             self._append(name, conform(folded, target))
-            self._commit()
-        except BaseException:
-            self._rollback()
-            raise
         return folded.num_rows
 
     def append_tables(self, tables: Mapping[str, pa.Table]) -> None:
         """Append rows to several tables in one transaction (nothing when all are empty)."""
         if not any(t.num_rows for t in tables.values()):
             return
-        self._begin()
-        try:
+        with self.transaction():
             for name, data in tables.items():
                 if data.num_rows:
                     self._append(name, conform(data, schema.STORAGE[name]))
-            self._commit()
-        except BaseException:
-            self._rollback()
-            raise
 
     def init_opening(self, opening: pa.Table, digest: str, file_sha256: str) -> None:
         """One transaction: opening holdings (dimension ids, stored in key order), checkpoint
@@ -541,8 +520,7 @@ class Storage(abc.ABC):
         may be left out), so the view's contents stay the same. Pieces, so that tens of
         millions of positions never sit in memory in this encoding at once."""
         assert 0 <= window_id <= self.max_window_id(), f"a snapshot as of uncommitted window {window_id}"
-        self._begin()
-        try:
+        with self.transaction():
             self._execute("DELETE FROM holdings_snapshot")
             for piece in positions:
                 piece = conform(piece, schema.HOLDINGS_IDS)
@@ -550,10 +528,6 @@ class Storage(abc.ABC):
                 if piece.num_rows:
                     self._append("holdings_snapshot", _with_window_id(piece, window_id))
             self._put_meta({schema.HOLDINGS_SNAPSHOT_KEY: str(window_id)})
-            self._commit()
-        except BaseException:
-            self._rollback()
-            raise
 
     def trade_rows_since_snapshot(self, key: str = schema.HOLDINGS_SNAPSHOT_KEY) -> int:
         """Trade rows of the windows after the snapshot whose window meta `key` names."""
@@ -568,8 +542,7 @@ class Storage(abc.ABC):
         obligations of every window committed after the snapshot, as the caller netted them,
         added to it instead of the view's netting of the trade rows (None: the view's)."""
         cols = ", ".join(schema.OBLIGATIONS_IDS.names)
-        self._begin()
-        try:
+        with self.transaction():
             window_id = self.max_window_id()
             if since_snapshot is not None:
                 rows = conform(since_snapshot, schema.OBLIGATIONS_IDS)
@@ -585,10 +558,6 @@ class Storage(abc.ABC):
                     _with_window_id(folded, window_id), schema.STORAGE["obligations_securities_snapshot"]))
             if since_snapshot is None:
                 self._put_meta({schema.OBLIGATIONS_SNAPSHOT_KEY: str(window_id)})
-            self._commit()
-        except BaseException:
-            self._rollback()
-            raise
         return folded.num_rows
 
     def _put_meta(self, values: Mapping[str, str]) -> None:
@@ -601,13 +570,8 @@ class Storage(abc.ABC):
 
     def set_meta(self, values: Mapping[str, str]) -> None:
         """Set meta keys, in one transaction."""
-        self._begin()
-        try:
+        with self.transaction():
             self._put_meta(values)
-            self._commit()
-        except BaseException:
-            self._rollback()
-            raise
 
     def record_self_check(self, window_id: int, problems: list[str]) -> None:
         row = {
@@ -616,13 +580,8 @@ class Storage(abc.ABC):
             "status": "FAILED" if problems else "OK",
             "detail": "; ".join(problems)[:4000],
         }
-        self._begin()
-        try:
+        with self.transaction():
             self._append("self_checks", pa.Table.from_pylist([row], schema=schema.STORAGE["self_checks"]))
-            self._commit()
-        except BaseException:
-            self._rollback()
-            raise
 
     def verify(self) -> list[str]:
         """Whole-table invariants (sql/verify.sql): one message per broken invariant."""

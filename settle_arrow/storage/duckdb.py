@@ -312,13 +312,8 @@ class DuckDBStorage(Storage):
         if not self.read_only and "state_runs" not in self._table_names():
             # Not in schema.STORAGE: a catalogue of this backend's files (TARGETs made before
             # it get it here, empty: their restarts rebuild the state from the history once).
-            self._begin()
-            try:
+            with self.transaction():
                 super()._create_table("state_runs", schema.STATE_RUNS)
-                self._commit()
-            except BaseException:
-                self._rollback()
-                raise
         # A TARGET moved since its views were made names its segment directory by the old
         # path, and one made before COMMITTED_MACRO bounds its views by a constant: a writer
         # re-makes the stored views (and the macro), a reader shadows them with its own
@@ -329,14 +324,9 @@ class DuckDBStorage(Storage):
                 if self.read_only:
                     self._execute(self._segment_view(table, temporary=True))
                 else:
-                    self._begin()
-                    try:
+                    with self.transaction():
                         self._execute(self._committed_macro(None))
                         self._execute(self._segment_view(table, temporary=False))
-                        self._commit()
-                    except BaseException:
-                        self._rollback()
-                        raise
 
     def _sweep_segments(self) -> None:
         """Delete the segment files no committed row names (a writer's first open only)."""
