@@ -154,6 +154,43 @@ def test_after_a_stop_the_first_fold_nets_the_trade_rows(small_market, small_mar
         assert got[name].equals(small_market_tables[name]), f"{name} differs"
 
 
+def test_a_run_that_commits_nothing_ends_folded_after_a_stop_before_the_fold(small_market, small_market_tables,
+                                                                             new_target, monkeypatch):
+    """A run stopped after its last commit but before the fold that ends it leaves trade rows
+    after the snapshot; the next run over the same, finished input commits no window, and
+    still leaves the TARGET folded, by the view's netting (no engine holds the sums)."""
+    files = list(small_market.trade_files)
+    db = new_target()
+    fold = Storage.fold_obligations
+    folds: list[bool] = []  # from the lane's sums
+
+    def stopped(self: Storage, since_snapshot: pa.Table | None = None) -> int:
+        raise KeyboardInterrupt
+
+    def noted(self: Storage, since_snapshot: pa.Table | None = None) -> int:
+        folds.append(since_snapshot is not None)
+        return fold(self, since_snapshot)
+
+    monkeypatch.setattr(Storage, "fold_obligations", stopped)  # small_market folds only at a run's end
+    with pytest.raises(KeyboardInterrupt):
+        replay(files, small_market.refdata_dir, db, window_rows=500)
+    with open_target(db) as t:
+        last = t.storage.max_window_id()
+        assert last and t.storage.trade_rows_since_snapshot(schema.OBLIGATIONS_SNAPSHOT_KEY), "rows after the fold"
+    monkeypatch.setattr(Storage, "fold_obligations", noted)
+    report = replay(files, small_market.refdata_dir, db, window_rows=500)
+    assert report.windows == 0 and report.rows_read == 0 and folds == [False]
+    with open_target(db) as t:
+        assert t.storage.max_window_id() == last
+        assert t.storage.meta()[schema.OBLIGATIONS_SNAPSHOT_KEY] == str(last)
+        assert t.storage.trade_rows_since_snapshot(schema.OBLIGATIONS_SNAPSHOT_KEY) == 0
+    replay(files, small_market.refdata_dir, db, window_rows=500)  # folded already: no fold again
+    assert folds == [False]
+    got = _tables(db)
+    for name in TABLES:
+        assert got[name].equals(small_market_tables[name]), f"{name} differs"
+
+
 def test_a_version_5_target_is_read_as_it_is_and_migrated(small_market, small_market_tables, new_target, tmp_path):
     """Read as it is (not copied: a copy writes this version's tables), then migrated by the
     next replay: its deltas folded as of its last window, the tables a fresh replay gives."""
