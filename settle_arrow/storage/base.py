@@ -6,7 +6,8 @@ an input file's url -> how far it has been committed and which file that was (si
 sha256 of its bytes). A TARGET of an older schema version is brought up by its next
 writer through schema.MIGRATIONS; readers read it as it is.
 
-A backend implements five primitives (`_execute`, `_query`, `_append`, transactions,
+A backend implements five primitives (`_execute`, `_query`, `_append`, transactions
+(`_begin`/`_commit`/`_rollback`; the writes here end theirs through `transaction()`),
 `close`) and a type map, and may refine two points: `_create_table` (DuckDB keeps the
 tables of its `file_tables` as files) and `inline_snapshot_window`; everything else (DDL from
 schema.py, the window commit, exports, compaction, verification) is written once here, so
