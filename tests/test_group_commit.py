@@ -7,6 +7,8 @@ on how windows were grouped; callbacks still come once per window, in window ord
 
 from __future__ import annotations
 
+import time
+
 import polars as pl
 import pyarrow as pa
 import pytest
@@ -130,3 +132,41 @@ def test_grouped_windows_give_the_same_tables(small_market, small_market_tables,
     assert seen == [(250 * w, w) for w in range(1, n + 1)]
     assert [t.window_id for t in timings] == list(range(1, n + 1)) and all(t.rows == 250 for t in timings)
     assert all(t.input_complete_s <= t.commit_started_s <= t.committed_s for t in timings)
+
+
+@pytest.mark.parametrize("reader", ["ahead", "behind"])
+def test_an_idle_lane_waits_for_a_group_only_while_the_engine_is_behind_its_input(small_market, small_market_tables,
+                                                                                   new_target, monkeypatch, reader):
+    """A lane that is never busy: while the next window's input is complete already (slow
+    processing, the reader ahead) windows still group up to the group's bound; while the
+    reader is the slow one (a feed that has not delivered the next window yet), each
+    window commits alone at once. Same tables either way."""
+    monkeypatch.setattr(pipeline.CommitLane, "busy", lambda self: False)
+    monkeypatch.setattr(engine, "COMMIT_GROUP_WINDOWS_MAX", 5)
+    slow = engine.Engine.process if reader == "ahead" else None
+    windows = engine._windows
+
+    if slow is not None:
+        def process(self, window):
+            time.sleep(0.15)  # the reader cuts the next window meanwhile
+            return slow(self, window)
+
+        monkeypatch.setattr(engine.Engine, "process", process)
+    else:
+        def late(*args, **kwargs):
+            for raw in windows(*args, **kwargs):
+                time.sleep(0.15)  # processing and the commit done before the next window is cut
+                yield raw
+
+        monkeypatch.setattr(engine, "_windows", late)
+    db = new_target()
+    report = replay(list(small_market.trade_files), small_market.refdata_dir, db, window_rows=250)
+    with open_target(db) as t:
+        got = {name: t.table(name) for name in TABLES}
+        cps = t.table("checkpoints").filter(pl.col("window_id") > 0)
+    for name in TABLES:
+        assert got[name].equals(small_market_tables[name]), f"{name} differs"
+    assert report.windows == 12 and cps["window_id"].to_list() == list(range(1, 13))
+    sizes = cps.group_by("committed_at", maintain_order=True).len()["len"].to_list()
+    # Ahead: groups fill to the bound, the last with what is left once the input ends.
+    assert sizes == ([5, 5, 2] if reader == "ahead" else [1] * 12)
