@@ -85,6 +85,7 @@ class CommitLane:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="settle-commit")
         self._pending: Future | None = None
         self._on_done: Callable[[], None] | None = None
+        self.failed = False  # a job raised: the lane's error is the run's (Engine.run)
 
     def submit(self, job: Callable[[], None], on_done: Callable[[], None] | None = None) -> None:
         """Wait for the previous job (raising its error), then start `job`. `on_done` runs in
@@ -101,7 +102,11 @@ class CommitLane:
         pending, on_done = self._pending, self._on_done
         self._pending = self._on_done = None
         if pending is not None:
-            pending.result()
+            try:
+                pending.result()
+            except BaseException:
+                self.failed = True
+                raise
             if on_done is not None:
                 on_done()
 

@@ -216,6 +216,8 @@ HARNESS = textwrap.dedent(
         from settle_arrow import pipeline
         engine.COMMIT_GROUP_WINDOWS_MAX = int(os.environ["SA_GROUP_WINDOWS"])
         pipeline.CommitLane.busy = lambda self: True
+    elif os.environ.get("SA_GROUP_WINDOWS_MAX"):  # groups of at most this many, as timing forms them
+        engine.COMMIT_GROUP_WINDOWS_MAX = int(os.environ["SA_GROUP_WINDOWS_MAX"])
     if os.environ.get("SA_PIECE_ROWS"):  # large windows in pieces, state runs frozen and spilled early
         from settle_arrow import state
         engine.PIECE_ROWS_MAX = int(os.environ["SA_PIECE_ROWS"])
@@ -328,7 +330,9 @@ def test_sigkill_at_random_moments(market, reference, harness, tmp_path, new_tar
     db = new_target()
     total = sum(_rows(f) for f in _files(market))
     rng = random.Random(SEED)
-    window = 600  # small windows: many commits, so random kills often land inside one
+    # Small windows, at most two a commit (a replay behind its input groups up to 16 for an
+    # idle lane too): many commits, so random kills often land inside one.
+    window, group = 600, {"SA_GROUP_WINDOWS_MAX": "2"}
     cmd = _replay_cmd(harness, market, db, window)
     # Very early kills by the clock (interpreter start-up, schema creation, opening
     # holdings) ...
@@ -339,7 +343,7 @@ def test_sigkill_at_random_moments(market, reference, harness, tmp_path, new_tar
     # random fraction of a window's time and kill (in processing, appends or COMMIT).
     progress, partial = [_committed_rows(db)], 0
     for _ in range(6):
-        killed = _kill_after_commits(cmd, rng.randint(1, 6), rng.uniform(0.0, 0.08))
+        killed = _kill_after_commits(cmd, rng.randint(1, 6), rng.uniform(0.0, 0.08), group)
         progress.append(_committed_rows(db))
         partial += killed and 0 < progress[-1] < total
         if not killed:
@@ -353,10 +357,10 @@ def test_sigkill_at_random_moments(market, reference, harness, tmp_path, new_tar
     _check_against(db, reference, total)
 
 
-def _kill_after_commits(cmd: list[str], commits: int, delay: float) -> bool:
+def _kill_after_commits(cmd: list[str], commits: int, delay: float, env_extra: dict | None = None) -> bool:
     """SIGKILL `cmd` `delay` s after its `commits`-th COMMIT; True if it was killed."""
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                         env=dict(os.environ, SA_TRAP=":0", SA_ANNOUNCE="1"))
+                         env=dict(os.environ, SA_TRAP=":0", SA_ANNOUNCE="1", **(env_extra or {})))
     assert p.stderr is not None
     seen = 0
     while seen < commits:

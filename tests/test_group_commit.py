@@ -170,3 +170,26 @@ def test_an_idle_lane_waits_for_a_group_only_while_the_engine_is_behind_its_inpu
     sizes = cps.group_by("committed_at", maintain_order=True).len()["len"].to_list()
     # Ahead: groups fill to the bound, the last with what is left once the input ends.
     assert sizes == ([5, 5, 2] if reader == "ahead" else [1] * 12)
+
+
+def test_an_error_in_a_window_commits_the_windows_held_before_it(small_market, new_target, monkeypatch):
+    """Windows held for a group (a lane that stays busy) when a later window fails are
+    processed and checked: the run stops after committing them, as it would have, and the
+    failing window's error is the one raised."""
+    monkeypatch.setattr(pipeline.CommitLane, "busy", lambda self: True)
+    monkeypatch.setattr(engine, "COMMIT_GROUP_WINDOWS_MAX", 16)
+    process = engine.Engine.process
+
+    def failing(self, window):
+        if window.window_id == 5:
+            raise ValueError("window 5 cannot be processed")
+        return process(self, window)
+
+    monkeypatch.setattr(engine.Engine, "process", failing)
+    db = new_target()
+    with pytest.raises(ValueError, match="window 5 cannot be processed"):
+        replay(list(small_market.trade_files), small_market.refdata_dir, db, window_rows=250)
+    with open_target(db) as t:
+        cps = t.table("checkpoints").filter(pl.col("window_id") > 0)
+        assert cps["window_id"].to_list() == [1, 2, 3, 4] and cps["rows"].sum() == 1000
+        assert cps["committed_at"].n_unique() == 1, "the held windows, one group"
