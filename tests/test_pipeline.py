@@ -445,9 +445,14 @@ def test_lane_error_raised_at_next_submit():
 
 def test_lane_error_raised_at_drain():
     with CommitLane() as lane:
+        lane.submit(lambda: None, raiser(Boom("a caller's callback")))
+        with pytest.raises(Boom, match="callback"):
+            lane.drain()
+        assert not lane.failed, "the job itself succeeded"
         lane.submit(raiser(Boom("at drain")))
         with pytest.raises(Boom, match="at drain"):
             lane.drain()
+        assert lane.failed  # the engine commits nothing more after it (Engine.run)
         lane.drain()  # raised once
 
 
