@@ -28,12 +28,13 @@ _POLL_S = 0.05  # how often a blocked producer checks whether its consumer has g
 
 
 def prefetch(items: Iterator[T], depth: int = 1, stop: threading.Event | None = None,
-             on_wait: Callable[[], None] | None = None) -> Iterator[T]:
+             on_wait: Callable[[], None] | None = None, wait_s: Callable[[], float] | None = None) -> Iterator[T]:
     """Yield `items`, produced up to `depth` ahead in a background thread. `stop` (made here
     when not given) is set once the consumer has gone: a producer that waits for something
     other than this queue (a paced feed) waits on it, so the consumer's exit, which joins
     the thread, never waits out the producer's wait. `on_wait` runs in the consumer's
-    thread every _POLL_S it waits for an item; its error is raised to the consumer."""
+    thread every `wait_s()` seconds (asked before each wait; _POLL_S when not given, at
+    most _POLL_S) it waits for an item; its error is raised to the consumer."""
     assert depth >= 1
     slots: queue.Queue = queue.Queue(maxsize=depth)
     stop = stop if stop is not None else threading.Event()
@@ -63,7 +64,7 @@ def prefetch(items: Iterator[T], depth: int = 1, stop: threading.Event | None = 
             try:
                 # Timed: Polars' SIGINT handler restarts a lock's untimed wait, so Ctrl-C would
                 # wait for the next item (pola-rs/polars#21739; a paced feed's, seconds away).
-                item, exc = slots.get(timeout=_POLL_S)
+                item, exc = slots.get(timeout=min(_POLL_S, wait_s()) if wait_s is not None else _POLL_S)
             except queue.Empty:
                 if on_wait is not None:
                     on_wait()

@@ -7,6 +7,7 @@ on how windows were grouped; callbacks still come once per window, in window ord
 
 from __future__ import annotations
 
+import threading
 import time
 
 import polars as pl
@@ -193,3 +194,59 @@ def test_an_error_in_a_window_commits_the_windows_held_before_it(small_market, n
         cps = t.table("checkpoints").filter(pl.col("window_id") > 0)
         assert cps["window_id"].to_list() == [1, 2, 3, 4] and cps["rows"].sum() == 1000
         assert cps["committed_at"].n_unique() == 1, "the held windows, one group"
+
+
+def test_a_window_held_for_a_busy_lane_commits_once_the_lane_is_idle(small_market, small_market_tables, new_target,
+                                                                     monkeypatch):
+    """A live feed whose commit lane was busy when window 2 was processed: window 2 goes to
+    the lane the moment the lane is idle, not with the next window once that arrives (the
+    poll that used to hand it over is made too long to, so only the new hand-over can)."""
+    monkeypatch.setattr(pipeline, "_POLL_S", 10.0)
+    job_started, w2_processed, job_done = threading.Event(), threading.Event(), threading.Event()
+    commit_job, process, windows = engine.Engine._commit_job, engine.Engine.process, engine._windows
+
+    def first_job_slow(self, group):
+        job = commit_job(self, group)
+        if group[0].window.window_id != 1:
+            return job
+
+        def slow() -> None:
+            job_started.set()
+            assert w2_processed.wait(10)
+            time.sleep(0.05)  # the lane is busy when the engine decides about window 2
+            job()
+            job_done.set()
+
+        return slow
+
+    def processed(self, window):
+        out = process(self, window)
+        if window.window_id == 2:
+            w2_processed.set()
+        return out
+
+    def gated(*args, **kwargs):
+        for i, raw in enumerate(windows(*args, **kwargs)):
+            if i == 1:
+                assert job_started.wait(10)  # window 1 alone on the lane: the reader was not ahead
+            elif i == 2:
+                assert job_done.wait(10)
+                time.sleep(0.3)  # window 3 arrives well after the lane went idle
+            yield raw
+
+    monkeypatch.setattr(engine.Engine, "_commit_job", first_job_slow)
+    monkeypatch.setattr(engine.Engine, "process", processed)
+    monkeypatch.setattr(engine, "_windows", gated)
+    db = new_target()
+    timings: list[WindowTiming] = []
+    replay(list(small_market.trade_files), small_market.refdata_dir, db, window_rows=250, on_commit=timings.append)
+    with open_target(db) as t:
+        got = {name: t.table(name) for name in TABLES}
+        cps = t.table("checkpoints").filter(pl.col("window_id") > 0)
+    for name in TABLES:
+        assert got[name].equals(small_market_tables[name]), f"{name} differs"
+    w1, w2, w3 = timings[:3]
+    assert w2.commit_started_s >= w1.committed_s, "window 2 waited for window 1's commit"
+    assert w2.commit_started_s < w3.input_complete_s, "window 2 waited for window 3"
+    at = dict(zip(cps["window_id"].to_list(), cps["committed_at"].to_list(), strict=True))
+    assert at[1] != at[2] != at[3], "windows 1, 2 and 3 each committed alone"

@@ -28,6 +28,7 @@ import time
 
 import pytest
 
+from settle_arrow import pipeline
 from settle_arrow.pipeline import CommitLane, prefetch
 
 WAIT = 2.0  # seconds: a timeout that only a broken implementation reaches
@@ -287,6 +288,30 @@ def test_prefetch_on_wait_runs_in_the_consumer_while_it_waits():
     with pytest.raises(Boom):
         within(lambda: list(prefetch(waiting(), stop=stop, on_wait=fails)))
     assert not _alive("settle-prefetch")
+
+
+def test_prefetch_on_wait_runs_as_often_as_wait_s_asks(monkeypatch):
+    """wait_s, asked before each wait, sets how long the consumer waits before on_wait runs
+    (the engine asks for 1 ms while windows wait for its commit lane); never longer than
+    the poll: the consumer still sees Ctrl-C and a gone producer as before."""
+    monkeypatch.setattr(pipeline, "_POLL_S", 5.0)  # a wait of the default poll would outlast the test
+    waits: list[float] = []
+    ready = threading.Event()
+
+    def items():
+        yield 0
+        ready.wait(WAIT)
+        yield 1
+
+    def on_wait() -> None:
+        waits.append(time.perf_counter())
+        if len(waits) == 10:
+            ready.set()
+
+    started = time.perf_counter()
+    assert within(lambda: list(prefetch(items(), on_wait=on_wait, wait_s=lambda: 0.001))) == [0, 1]
+    # Ten waits of 1 ms, where the poll's would have taken 50 s.
+    assert len(waits) >= 10 and time.perf_counter() - started < 2.5
 
 
 def test_prefetch_consumer_exception_does_not_hang():
