@@ -3,7 +3,8 @@
 Data model: ordered SourceFiles -> windows (a window is `window_rows` consecutive input
 rows, possibly spanning files; `batch` makes the whole input one window) -> pieces of at
 most PIECE_ROWS_MAX rows (a window is one piece unless larger) -> stages' prepare (reader
-thread) -> stages' process -> self-checks -> state effects -> storage.stage_window per
+thread; the row-wise part once for the pieces whose input is complete, up to
+PREPARE_ROWS_MAX rows) -> stages' process -> self-checks -> state effects -> storage.stage_window per
 piece that ends no window; storage.commit_windows for a window's last piece, together with
 the windows processed while the commit before them ran (group commit; commit lane),
 which then adds the windows' securities obligations to its sums since the last fold
@@ -30,7 +31,7 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -98,6 +99,13 @@ COMMIT_GROUP_ROWS_MAX = 100_000
 # for the next piece to arrive and be processed (a live feed's, a window's interval away:
 # the slowest windows waited 100-200 ms after processing, measured).
 HAND_OVER_POLL_S = 0.001
+# The reader prepares the pieces whose input is complete (a replay of files, a feed catching
+# up) in batches up to these bounds: the stages' row-wise work (prepare_rows) then runs
+# once over all of them. A 10,000-row window's validation costs ~2.5x its share of a
+# 100,000-row one's (fixed costs of its queries, measured); windows of 100,000 rows or more
+# are prepared one by one, as before.
+PREPARE_ROWS_MAX = 100_000
+PREPARE_PIECES_MAX = 16
 STAGES: tuple[Stage, ...] = (Validate(), Clear(), Register())
 # A paced replay (a live feed) faster than this is a full-speed one in all but name.
 PACE_TRADES_PER_S_MAX = 1_000_000_000
@@ -292,6 +300,41 @@ def _windows(sources: tuple[SourceFile, ...], done: dict[str, SourceOffset], win
         yield cut(final=True)
 
 
+def prepare_rows_together(stages: tuple[Stage, ...], ref: RefData,
+                          frames: list[pl.DataFrame]) -> list[dict[str, pl.DataFrame]]:
+    """Each stage's row-wise prepare (`prepare_rows`) run once over consecutive frames of
+    one schema, sliced back per frame: a query's fixed cost paid once for them all (ten
+    10,000-row windows' validation: 9.7 -> ~4 ms of CPU a window, measured). Nothing for
+    one frame (its own prepare runs them), nor where the frames together fail: each
+    frame's prepare then runs them itself and raises its error after the frames before it
+    went on, as one at a time did."""
+    if len(frames) < 2:
+        return [{} for _ in frames]
+    together = pl.concat(frames, rechunk=True)  # one chunk a column (see _concat)
+    starts = np.cumsum([0, *(f.height for f in frames)]).tolist()
+    out: list[dict[str, pl.DataFrame]] = [{} for _ in frames]
+    for stage in stages:
+        prepare_rows = getattr(stage, "prepare_rows", None)
+        if prepare_rows is None:
+            continue
+        try:
+            made = prepare_rows(together, ref)
+        except Exception:
+            return [{} for _ in frames]
+        for name, f in made.items():
+            assert f.height == together.height, f"{name}: prepare_rows gave other rows"
+            for own, lo, hi in zip(out, starts[:-1], starts[1:], strict=True):
+                own[name] = f.slice(lo, hi - lo)
+    return out
+
+
+def _prepared_together(batch: list[_RawWindow], piece: _RawWindow) -> bool:
+    """Whether `piece` joins `batch` (pieces to prepare together): one schema (frames of
+    different formats are never concatenated) and the rows' bound."""
+    return (sum(r.frame.height for r in batch) + piece.frame.height <= PREPARE_ROWS_MAX
+            and batch[0].frame.schema == piece.frame.schema)
+
+
 def _digest(window: Window) -> str:
     h = hashlib.sha256()
     for name in ("obligations_securities_delta", "obligations_cash_delta", "holdings_delta"):
@@ -412,10 +455,11 @@ class Engine:
         assert isinstance(stored, pl.DataFrame)
         return stored.sort(cols).equals(opening_ids(self.refdata, self.dims).sort(cols))
 
-    def prepare(self, window_id: int, frame: pl.DataFrame) -> Window:
+    def prepare(self, window_id: int, frame: pl.DataFrame, rows: Mapping[str, pl.DataFrame] | None = None) -> Window:
         """The stages' stateless work on one window (see stages/base.py): safe to run ahead,
-        in another thread, while earlier windows are processed."""
-        window = Window(window_id=window_id, frames={"input": frame})
+        in another thread, while earlier windows are processed. `rows`: the stages'
+        row-wise frames of this window, where prepare_rows_together made them with other windows'."""
+        window = Window(window_id=window_id, frames={"input": frame, **(rows or {})})
         for stage in self.stages:
             prepare = getattr(stage, "prepare", None)
             if prepare is not None:
@@ -471,16 +515,32 @@ class Engine:
             nonlocal pieces_cut
             next_id = window_id + 1
             arrived, feed_started_s = 0, time.perf_counter()
+            batch: list[tuple[_RawWindow, float]] = []  # cut (input complete), not prepared yet
+
+            def prepare_batch() -> Iterator[tuple[_RawWindow, Window, float]]:
+                nonlocal next_id
+                rows = prepare_rows_together(self.stages, self.refdata, [raw.frame for raw, _ in batch])
+                for (raw, cut_s), own in zip(batch, rows, strict=True):
+                    yield raw, self.prepare(next_id, raw.frame, own), cut_s
+                    next_id += raw.final
+                batch.clear()
+
             for raw in _windows(sources, done, window_rows):
                 arrived += raw.frame.height
                 if pace_trades_per_s is not None:
                     due_s = feed_started_s + arrived / pace_trades_per_s
+                    if batch and due_s > time.perf_counter():
+                        yield from prepare_batch()  # the pieces complete now go before one still arriving
                     if reader_stop.wait(max(0.0, due_s - time.perf_counter())):
                         return
+                if batch and not _prepared_together([r for r, _ in batch], raw):
+                    yield from prepare_batch()
                 cut_s = time.perf_counter()  # the piece's input is complete
                 pieces_cut += 1
-                yield raw, self.prepare(next_id, raw.frame), cut_s
-                next_id += raw.final
+                batch.append((raw, cut_s))
+                if len(batch) == PREPARE_PIECES_MAX or sum(r.frame.height for r, _ in batch) >= PREPARE_ROWS_MAX:
+                    yield from prepare_batch()
+            yield from prepare_batch()
 
         digests: list[str] = []  # of the open window's pieces so far
         rows_in_window = 0
@@ -509,11 +569,13 @@ class Engine:
             piece may be a window's interval away, and those windows would wait for it)."""
             return HAND_OVER_POLL_S if held else math.inf
 
+        # The pieces prepared together wait here (the reader prepares the next ones meanwhile).
+        depth = max(1, min(PREPARE_PIECES_MAX, PREPARE_ROWS_MAX // window_rows)) if window_rows else 1
         try:
             with CommitLane() as lane:
                 try:
-                    for raw, prepared, cut_s in prefetch(ahead(), stop=reader_stop, on_wait=idle,
-                                                         wait_s=idle_poll_s):
+                    for raw, prepared, cut_s in prefetch(ahead(), depth=depth, stop=reader_stop,
+                                                         on_wait=idle, wait_s=idle_poll_s):
                         pieces_processed += 1
                         window_id = prepared.window_id
                         window = self.process(prepared)

@@ -144,6 +144,9 @@ def test_an_idle_lane_waits_for_a_group_only_while_the_engine_is_behind_its_inpu
     window commits alone at once. Same tables either way."""
     monkeypatch.setattr(pipeline.CommitLane, "busy", lambda self: False)
     monkeypatch.setattr(engine, "COMMIT_GROUP_WINDOWS_MAX", 5)
+    # Each piece prepared alone: a slow reader of files would otherwise read a batch of
+    # pieces before preparing the first (test_prepare_batches.py), and group them.
+    monkeypatch.setattr(engine, "PREPARE_PIECES_MAX", 1)
     slow = engine.Engine.process if reader == "ahead" else None
     windows = engine._windows
 
@@ -202,6 +205,7 @@ def test_a_window_held_for_a_busy_lane_commits_once_the_lane_is_idle(small_marke
     the lane the moment the lane is idle, not with the next window once that arrives (the
     poll that used to hand it over is made too long to, so only the new hand-over can)."""
     monkeypatch.setattr(pipeline, "_POLL_S", 10.0)
+    monkeypatch.setattr(engine, "PREPARE_PIECES_MAX", 1)  # the reader's gate below must not hold a batch
     job_started, w2_processed, job_done = threading.Event(), threading.Event(), threading.Event()
     commit_job, process, windows = engine.Engine._commit_job, engine.Engine.process, engine._windows
 

@@ -7,7 +7,11 @@ Data model:
            `EngineState` and reference data, never writes them. A stage may also define
            `prepare(window, refdata) -> window`: the part of its work that reads no state
            (types, reference lookups); the engine runs it one window ahead in its reader
-           thread. `process` must give the same result when `prepare` did not run.
+           thread. `process` must give the same result when `prepare` did not run. And
+           `prepare_rows(frame, refdata) -> {name: frame}`: the part of `prepare` that
+           depends on each row alone, row-aligned with `frame`; the engine may run it over
+           several windows' inputs at once and give each window its slices, which its
+           `prepare` must use as it would its own (and make them itself when absent).
 
 Invariants: a stage adds frames, never mutates one it received; every frame whose name is
 a storage table is appended by the engine in the window's single transaction; effects run

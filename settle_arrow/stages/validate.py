@@ -2,9 +2,11 @@
 
 Data model:
   in   frames["input"]: raw rows in input order, any column types, plus `source`, `source_row`
-  prepare  -> frames["validation_prepared"]: typed rows, reference ids, packed keys and
-           the stateless reason of each; frames["validation_by_key"]: the rows whose key
-           packs, in key order (equal keys in any order)
+  prepare_rows  -> frames["validation_rows"]: typed rows, reference ids, packed keys and
+           the stateless reason of each, row-aligned with the input (any frame of rows)
+  prepare  -> frames["validation_prepared"]: those rows with `seq` and `first` (first
+           occurrence of the key in the window); frames["validation_by_key"]: the rows
+           whose key packs, in key order (equal keys in any order)
   out  frames["quarantine"]: original values as text + reason, detail, source, source_row
        frames["accepted"]: typed rows with dense ids (sec_idx, acct/unit ids), `sign` (+1 N,
        -1 X), `seq` (row position in the window) and `key` (packed trade key)
@@ -95,81 +97,104 @@ def _business_day(ref: RefData, code: np.ndarray, day: pl.Series) -> np.ndarray:
     return (cal[pos] == key) & (code >= 0) & (days >= 0)
 
 
+def _row_checks(raw: pl.DataFrame, ref: RefData) -> pl.DataFrame:
+    """Each row typed, its reference ids, calendar test, packed keys and the stateless
+    reason it fails (`reason0`, SPEC order), row-aligned with `raw`: nothing here depends
+    on another row, so any cut of the input into frames gives the same rows."""
+    present = [c for c in schema.INPUT_TRADE.names if c in raw.columns]
+    typed = coerce(raw[present], schema.INPUT_TRADE).with_columns(
+        (pl.col("price") * 1000).cast(pl.Int64).alias("price_milli"),
+    )
+    detail = _schema_detail(typed)
+    # Both sides in one lookup per index: half the fixed cost per frame.
+    n = typed.height
+    units = ref.unit_index.lookup(pl.concat([typed["buy_unit"], typed["sell_unit"]]))
+    accts = ref.account_index.lookup(pl.concat([typed["buy_account"], typed["sell_account"]]))
+    key_ok = ~(typed["market__bad"] | typed["trade_date__bad"] | typed["trade_id__bad"]).to_numpy()
+    for name in ("market", "trade_date", "trade_id"):
+        if typed[name].null_count():  # the usual window has none: no query (see process)
+            key_ok &= typed[name].is_not_null().to_numpy()
+    code = market_codes(typed["market"])  # once: keys, ref keys and the calendar use it
+    keys, packable = pack_keys(code, typed["trade_date"], typed["trade_id"])
+    packable &= key_ok
+    flags = pl.DataFrame(
+        {
+            "sec_idx": ref.sec_idx(typed),
+            "buy_unit_idx": units[:n], "sell_unit_idx": units[n:],
+            "buy_acct_idx": accts[:n], "sell_acct_idx": accts[n:],
+            "business": _business_day(ref, code, typed["trade_date"]),
+            "key_ok": key_ok, "odd": key_ok & ~packable,
+            "key": keys,
+            # N rows name no trade: a frame of them packs nothing (~0.8 ms a 10,000-row window, measured).
+            "ref_key": pack_keys(code, typed["trade_date"], typed["ref_trade_id"])[0]
+            if typed["ref_trade_id"].null_count() < n else np.zeros(n, dtype=np.uint64),
+            "detail0": detail,
+        }
+    )
+    t = pl.concat([typed, flags], how="horizontal")
+    # Amount limit: quantity * price must stay inside AMOUNT_MILLI_MAX (int64-safe).
+    qty_cap = pl.when(pl.col("price_milli") > 0).then(AMOUNT_MILLI_MAX // pl.col("price_milli"))
+    # The reasons that need no state, in SPEC order; DUPLICATE_TRADE and the X checks
+    # follow in `process`.
+    reason = (
+        pl.when(pl.col("detail0").is_not_null())
+        .then(pl.lit("SCHEMA"))
+        .when((pl.col("quantity") <= 0) | (pl.col("quantity") > qty_cap.fill_null(AMOUNT_MILLI_MAX)))
+        .then(pl.lit("BAD_QUANTITY"))
+        .when(pl.col("price_milli") <= 0)
+        .then(pl.lit("BAD_PRICE"))
+        .when(pl.col("sec_idx").is_null())
+        .then(pl.lit("UNKNOWN_SECURITY"))
+        .when((pl.col("buy_unit_idx") < 0) | (pl.col("sell_unit_idx") < 0))
+        .then(pl.lit("UNKNOWN_UNIT"))
+        .when((pl.col("buy_acct_idx") < 0) | (pl.col("sell_acct_idx") < 0))
+        .then(pl.lit("UNKNOWN_ACCOUNT"))
+        .when(~pl.col("business"))
+        .then(pl.lit("NOT_BUSINESS_DAY"))
+    )
+    return t.with_columns(reason.alias("reason0"))
+
+
 @dataclasses.dataclass(frozen=True)
 class Validate:
     name: str = "validate"
 
+    def prepare_rows(self, frame: pl.DataFrame, ref: RefData) -> dict[str, pl.DataFrame]:
+        """What depends on each row alone: frames row-aligned with `frame`, which may hold
+        several windows' inputs at once (the engine then slices them per window)."""
+        return {"validation_rows": _row_checks(frame, ref)}
+
     def prepare(self, window: Window, ref: RefData) -> Window:
-        """Everything that depends on the row alone (types, reference lookups, calendar,
-        packed keys, first occurrence in the window): run one window ahead by the engine."""
+        """Everything that needs no state (types, reference lookups, calendar, packed keys,
+        first occurrence in the window): run ahead by the engine, in its reader thread. The
+        row-wise part is `prepare_rows`'s, taken from the window where the engine ran it over
+        several windows at once (a 10,000-row window's costs ~2.5x its share of a
+        100,000-row one's: a few dozen queries' fixed cost, measured)."""
         raw = window.frames["input"]
-        present = [c for c in schema.INPUT_TRADE.names if c in raw.columns]
-        typed = coerce(raw[present], schema.INPUT_TRADE).with_columns(
-            pl.int_range(pl.len(), dtype=pl.Int64).alias("seq"),
-            (pl.col("price") * 1000).cast(pl.Int64).alias("price_milli"),
-        )
-        detail = _schema_detail(typed)
-        # Both sides in one lookup per index: half the fixed cost per window.
-        n = typed.height
-        units = ref.unit_index.lookup(pl.concat([typed["buy_unit"], typed["sell_unit"]]))
-        accts = ref.account_index.lookup(pl.concat([typed["buy_account"], typed["sell_account"]]))
-        key_ok = ~(typed["market__bad"] | typed["trade_date__bad"] | typed["trade_id__bad"]).to_numpy()
-        for name in ("market", "trade_date", "trade_id"):
-            if typed[name].null_count():  # the usual window has none: no query (see process)
-                key_ok &= typed[name].is_not_null().to_numpy()
-        code = market_codes(typed["market"])  # once: keys, ref keys and the calendar use it
-        keys, packable = pack_keys(code, typed["trade_date"], typed["trade_id"])
-        packable &= key_ok
-        odd = key_ok & ~packable
+        rows = window.frames.get("validation_rows")
+        if rows is None:
+            rows = _row_checks(raw, ref)
+        assert rows.height == raw.height, "row checks of other rows"
+        n = rows.height
+        keys, key_ok, odd = rows["key"].to_numpy(), rows["key_ok"].to_numpy(), rows["odd"].to_numpy()
         # One sort of the packed keys, here in the reader thread, serves the first-occurrence
         # test and `process`, whose probe of the seen keys and inserts of new and accepted
         # keys then need no sort of their own (three sorts on the processing thread before).
         # Exact struct comparison only for the rare keys that do not pack.
-        rows = np.flatnonzero(packable)
-        by_key = rows[argsort_keys(keys[rows])]
+        packable = np.flatnonzero(key_ok & ~odd)
+        by_key = packable[argsort_keys(keys[packable])]
         first = _first_occurrence(keys, by_key, n)
         if odd.any():
             first[odd] = (
-                typed.filter(pl.Series(odd)).select(pl.struct(list(ODD_KEY_SCHEMA)).is_first_distinct())
+                rows.filter(pl.Series(odd)).select(pl.struct(list(ODD_KEY_SCHEMA)).is_first_distinct())
                 .to_series().to_numpy()
             )
-        flags = pl.DataFrame(
-            {
-                "sec_idx": ref.sec_idx(typed),
-                "buy_unit_idx": units[:n], "sell_unit_idx": units[n:],
-                "buy_acct_idx": accts[:n], "sell_acct_idx": accts[n:],
-                "business": _business_day(ref, code, typed["trade_date"]),
-                "key_ok": key_ok, "odd": odd, "first": first,
-                "key": keys,
-                # N rows name no trade: a window of them packs nothing (~0.8 ms a 10,000-row window, measured).
-                "ref_key": pack_keys(code, typed["trade_date"], typed["ref_trade_id"])[0]
-                if typed["ref_trade_id"].null_count() < n else np.zeros(n, dtype=np.uint64),
-                "detail0": detail,
-            }
-        )
-        t = pl.concat([typed, flags], how="horizontal")
-        # Amount limit: quantity * price must stay inside AMOUNT_MILLI_MAX (int64-safe).
-        qty_cap = pl.when(pl.col("price_milli") > 0).then(AMOUNT_MILLI_MAX // pl.col("price_milli"))
-        # The reasons that need no state, in SPEC order; DUPLICATE_TRADE and the X checks
-        # follow in `process`.
-        reason = (
-            pl.when(pl.col("detail0").is_not_null())
-            .then(pl.lit("SCHEMA"))
-            .when((pl.col("quantity") <= 0) | (pl.col("quantity") > qty_cap.fill_null(AMOUNT_MILLI_MAX)))
-            .then(pl.lit("BAD_QUANTITY"))
-            .when(pl.col("price_milli") <= 0)
-            .then(pl.lit("BAD_PRICE"))
-            .when(pl.col("sec_idx").is_null())
-            .then(pl.lit("UNKNOWN_SECURITY"))
-            .when((pl.col("buy_unit_idx") < 0) | (pl.col("sell_unit_idx") < 0))
-            .then(pl.lit("UNKNOWN_UNIT"))
-            .when((pl.col("buy_acct_idx") < 0) | (pl.col("sell_acct_idx") < 0))
-            .then(pl.lit("UNKNOWN_ACCOUNT"))
-            .when(~pl.col("business"))
-            .then(pl.lit("NOT_BUSINESS_DAY"))
-        )
-        return window.add(validation_prepared=t.with_columns(reason.alias("reason0")),
-                          validation_by_key=pl.DataFrame({"row": by_key}))
+        # The columns in the order one pass over the window gave them (the accepted rows keep
+        # it): a copy of the column list, not of the data, and no query.
+        t = rows.clone()
+        t.insert_column(t.get_column_index("price_milli"), pl.Series("seq", np.arange(n, dtype=np.int64)))
+        t.insert_column(t.get_column_index("key"), pl.Series("first", first))
+        return window.add(validation_prepared=t, validation_by_key=pl.DataFrame({"row": by_key}))
 
     def process(self, window: Window, ctx: StageContext) -> Window:
         if "validation_prepared" not in window.frames:  # prepare is an optimisation, never required
