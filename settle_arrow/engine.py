@@ -535,7 +535,9 @@ class Engine:
                         return
                 if batch and not _prepared_together([r for r, _ in batch], raw):
                     yield from prepare_batch()
-                cut_s = time.perf_counter()  # the piece's input is complete
+                # The piece's input is complete: a feed's when its last row arrived, even where
+                # the reader comes to it later (busy, or its queue full): that wait is latency too.
+                cut_s = due_s if pace_trades_per_s is not None else time.perf_counter()
                 pieces_cut += 1
                 batch.append((raw, cut_s))
                 if len(batch) == PREPARE_PIECES_MAX or sum(r.frame.height for r, _ in batch) >= PREPARE_ROWS_MAX:

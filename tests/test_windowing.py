@@ -90,6 +90,32 @@ def test_a_paced_replay_is_a_live_feed_with_the_same_tables(market, reference, n
     _assert_same(reference, db)
 
 
+def test_a_feeds_window_is_complete_when_its_last_row_arrives(market, reference, new_target, monkeypatch):
+    """A live feed's window is complete when its last row arrived, also where the reader
+    comes to it later (here slow processing keeps the reader's queue of one prepared window
+    full): that wait is part of its latency, so the windows' input_complete_s step by
+    window / pace exactly, not by whenever the reader got to them."""
+    from settle_arrow import engine
+
+    monkeypatch.setattr(engine, "PREPARE_PIECES_MAX", 1)
+    process = engine.Engine.process
+
+    def slow(self, window):
+        time.sleep(0.03)  # three windows' arrival
+        return process(self, window)
+
+    monkeypatch.setattr(engine.Engine, "process", slow)
+    db, pace, window = new_target("late"), 6_000.0, 60  # a window due every 10 ms
+    timings = []
+    replay(list(market.trade_files), market.refdata_dir, db, window_rows=window, on_commit=timings.append,
+           pace_trades_per_s=pace)
+    assert len(timings) == market.rows // window
+    steps = [b.input_complete_s - a.input_complete_s for a, b in zip(timings, timings[1:], strict=False)]
+    assert steps == pytest.approx([window / pace] * len(steps), abs=1e-6)
+    assert all(t.input_complete_s <= t.commit_started_s <= t.committed_s for t in timings)
+    _assert_same(reference, db)
+
+
 def test_a_paced_replay_stops_without_waiting_out_its_feed(market, reference, tmp_path):
     """Ctrl-C during a paced run (the reader waiting for its feed's next rows, the main
     thread for the reader) stops it at once, not when the reader's wait would have ended;
