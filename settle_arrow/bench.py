@@ -215,7 +215,8 @@ def run_one(paths: list[str], refdata: str, db: str, window: int | None, kill_at
         "steady_trades_per_s": steady,
         "window_p50_ms": 1000 * statistics.median(gaps),
         "window_p99_ms": 1000 * _p99(gaps),
-        # Each window from its input being complete (the reader cut it) to its commit's
+        # Each window from its input being complete (the reader cut it; a feed's last row
+        # arrived) to its commit's
         # return: what VISION's "a window is committed in" measures, pipeline depth included.
         "latency_p50_ms": 1000 * statistics.median(latencies),
         "latency_p99_ms": 1000 * _p99(latencies),

@@ -131,7 +131,8 @@ class ReplayReport:
 
 @dataclasses.dataclass(frozen=True)
 class WindowTiming:
-    """When one committed window's input was complete (the reader cut its last piece), when
+    """When one committed window's input was complete (the reader cut its last piece; a live
+    feed's: its last row's arrival), when
     the commit job of that last piece began on the commit lane (a window in pieces staged
     the earlier ones before), and when its commit returned (durable); all
     time.perf_counter() seconds of the replaying process."""
