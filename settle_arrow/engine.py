@@ -573,7 +573,7 @@ class Engine:
             piece may be a window's interval away, and those windows would wait for it)."""
             return HAND_OVER_POLL_S if held else math.inf
 
-        # The pieces prepared together wait here (the reader prepares the next ones meanwhile).
+        # Prepared pieces wait here, up to a batch's worth (the reader prepares the next batch meanwhile).
         depth = max(1, min(PREPARE_PIECES_MAX, PREPARE_ROWS_MAX // window_rows)) if window_rows else 1
         try:
             with CommitLane() as lane:
