@@ -16,6 +16,7 @@ rather than processes suffice here (measured: see README, performance).
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -90,7 +91,8 @@ class CommitLane:
 
     def submit(self, job: Callable[[], None], on_done: Callable[[], None] | None = None) -> None:
         """Wait for the previous job (raising its error), then start `job`. `on_done` runs in
-        the caller's thread once `job` has returned, at the next submit or drain."""
+        the caller's thread once `job` has ended, at the next submit or drain: after an
+        error too (a job may commit part of its work before it fails), before it is raised."""
         self.drain()
         self._pending, self._on_done = self._pool.submit(job), on_done
 
@@ -99,7 +101,7 @@ class CommitLane:
         return self._pending is not None and not self._pending.done()
 
     def drain(self) -> None:
-        """Wait for the job in flight; raise its error; run its `on_done`."""
+        """Wait for the job in flight; run its `on_done`; raise its error."""
         pending, on_done = self._pending, self._on_done
         self._pending = self._on_done = None
         if pending is not None:
@@ -107,6 +109,9 @@ class CommitLane:
                 pending.result()
             except BaseException:
                 self.failed = True
+                if on_done is not None:
+                    with contextlib.suppress(Exception):  # the job's error is the one raised
+                        on_done()
                 raise
             if on_done is not None:
                 on_done()

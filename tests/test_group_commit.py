@@ -209,8 +209,8 @@ def test_a_window_held_for_a_busy_lane_commits_once_the_lane_is_idle(small_marke
     job_started, w2_processed, job_done = threading.Event(), threading.Event(), threading.Event()
     commit_job, process, windows = engine.Engine._commit_job, engine.Engine.process, engine._windows
 
-    def first_job_slow(self, group):
-        job = commit_job(self, group)
+    def first_job_slow(self, group, checked=True):
+        job = commit_job(self, group, checked)
         if group[0].window.window_id != 1:
             return job
 

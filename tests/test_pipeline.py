@@ -10,9 +10,9 @@ Pins down:
               ahead of the consumer.
   CommitLane  jobs run in submission order in one background thread, never two at once, and
               never a job before the previous one returned; on_done runs in the caller's
-              thread, in order, at the next submit/drain and only after a successful job; a
-              job's error is raised at the next submit/drain (the failed job's on_done and the
-              next job are not run); leaving the `with` normally drains (raising the error),
+              thread, in order, at the next submit/drain, after a failed job too (it may have
+              committed part of its work), before its error is raised at that submit/drain
+              (the next job is not run; an error of that on_done is not the one raised); leaving the `with` normally drains (raising the error),
               leaving it on an exception waits for the job in flight and raises only the
               original exception; no thread outlives its `with`.
 
@@ -462,10 +462,18 @@ def test_lane_error_raised_at_next_submit():
             lane.submit(r.job(2), r.done(2))
         assert caught.value is err
         assert ("start", 2) not in r.log  # the next job did not start
-        assert not [e for e in r.log if e[0] == "done"]  # on_done of a failed job never runs
+        assert [e[:2] for e in r.log if e[0] == "done"] == [("done", 1)]  # the failed job's on_done ran
         # The error is raised once; the lane can go on.
         lane.submit(r.job(3), r.done(3))
-    assert [e[:2] for e in r.log] == [("start", 1), ("end", 1), ("start", 3), ("end", 3), ("done", 3)]
+    assert [e[:2] for e in r.log] == [("start", 1), ("end", 1), ("done", 1), ("start", 3), ("end", 3), ("done", 3)]
+
+
+def test_lane_failed_job_raises_its_error_not_its_on_done_s():
+    with CommitLane() as lane:
+        lane.submit(raiser(Boom("the job's")), raiser(RuntimeError("the callback's")))
+        with pytest.raises(Boom, match="the job's"):
+            lane.drain()
+        assert lane.failed
 
 
 def test_lane_error_raised_at_drain():
@@ -486,7 +494,7 @@ def test_lane_error_raised_at_normal_exit():
     with pytest.raises(Boom, match="last job"):
         with CommitLane() as lane:
             lane.submit(raiser(Boom("last job")), lambda: ran.append(1))
-    assert ran == []
+    assert ran == [1]  # before the error was raised
     assert not _alive("settle-commit")
 
 

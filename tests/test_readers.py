@@ -21,9 +21,12 @@ from settle_arrow.generate import MarketSpec, generate_market
 
 WINDOW = 100
 # The other process's replay must last long enough for a polling reader (and a CLI status
-# process between its reads) to land mid-run: a faster engine once finished 90 windows of
-# 100 rows between two reads.
+# process between its reads) to land mid-run, however fast the engine and however loaded
+# the machine: a faster engine once finished 90 windows of 100 rows between two reads, and
+# one later 240 windows of 25 rows in three reads under the parallel suite. So it replays
+# as a live feed: 9,000 trades at PG_PACE trades/s take at least 6 s.
 PG_WINDOW = 25
+PG_PACE = 1500
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +68,7 @@ def test_postgres_reader_process_sees_whole_windows(market, pg_backend, tmp_path
     total = 9000
     writer = subprocess.Popen(
         [sys.executable, "-m", "settle_arrow.cli", "replay", str(market / "trades"), "--refdata",
-         str(market / "refdata"), "--db", db, "--window", str(PG_WINDOW), "--quiet"],
+         str(market / "refdata"), "--db", db, "--window", str(PG_WINDOW), "--pace", str(PG_PACE), "--quiet"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     statuses, seen = [], []

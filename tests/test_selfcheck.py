@@ -8,15 +8,18 @@ import dataclasses
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from snapshots import RESULT_TABLES, TABLES, assert_same_tables, snapshot
 
-from settle_arrow import SelfCheckError, pipeline, replay
+from settle_arrow import SelfCheckError, checks, pipeline, replay
 from settle_arrow import engine as engine_module
 from settle_arrow.engine import STAGES, Engine
 from settle_arrow.io.files import discover
@@ -56,76 +59,60 @@ def _first_nonzero(frame: pl.DataFrame, col: str) -> int:
     return int(frame.with_row_index("i").filter(pl.col(col) != 0)["i"][0])
 
 
-@dataclasses.dataclass(frozen=True)
-class BrokenRegister:
-    """Registers one share out of thin air in window FAIL_AT."""
-
-    name: str = "broken registration"
-
-    def process(self, window, ctx):
-        window = Register().process(window, ctx)
-        if window.window_id != FAIL_AT:
-            return window
-        h = window.frames["holdings_delta"]
-        return _replace(window, holdings_delta=h.with_columns(
-            pl.when(pl.int_range(pl.len()) == 0).then(pl.col("quantity") + 1).otherwise("quantity").alias("quantity")
-        ))
+def _share_from_thin_air(window: Window) -> Window:
+    """Registers one share out of thin air."""
+    h = window.frames["holdings_delta"]
+    return _replace(window, holdings_delta=h.with_columns(
+        pl.when(pl.int_range(pl.len()) == 0).then(pl.col("quantity") + 1).otherwise("quantity").alias("quantity")
+    ))
 
 
-@dataclasses.dataclass(frozen=True)
-class LegDroppingClear:
-    """Loses one participant's securities leg in window FAIL_AT."""
-
-    name: str = "leg-dropping clearing"
-
-    def process(self, window, ctx):
-        window = Clear().process(window, ctx)
-        if window.window_id != FAIL_AT:
-            return window
-        sec = window.frames["obligations_securities_delta"]
-        i = _first_nonzero(sec, "net_quantity")
-        return _replace(window, obligations_securities_delta=pl.concat([sec[:i], sec[i + 1:]]))
+def _leg_dropped(window: Window) -> Window:
+    """Loses one participant's securities leg."""
+    sec = window.frames["obligations_securities_delta"]
+    i = _first_nonzero(sec, "net_quantity")
+    return _replace(window, obligations_securities_delta=pl.concat([sec[:i], sec[i + 1:]]))
 
 
-@dataclasses.dataclass(frozen=True)
-class FenLosingClear:
-    """Pays one participant a fen too much in window FAIL_AT."""
+def _fen_lost(window: Window) -> Window:
+    """Pays one participant a fen too much."""
+    cash = window.frames["obligations_cash_delta"]
+    one_fen = pl.lit(1, dtype=pl.Int64).cast(cash.schema["net_amount"]) / 100
+    fixed = cash.with_columns(
+        pl.when(pl.int_range(pl.len()) == 0).then(pl.col("net_amount") + one_fen).otherwise("net_amount")
+        .cast(cash.schema["net_amount"]).alias("net_amount")
+    )
+    assert fixed["net_amount"].sum() != cash["net_amount"].sum()
+    return _replace(window, obligations_cash_delta=fixed)
 
-    name: str = "fen-losing clearing"
 
-    def process(self, window, ctx):
-        window = Clear().process(window, ctx)
-        if window.window_id != FAIL_AT:
-            return window
-        cash = window.frames["obligations_cash_delta"]
-        one_fen = pl.lit(1, dtype=pl.Int64).cast(cash.schema["net_amount"]) / 100
-        fixed = cash.with_columns(
-            pl.when(pl.int_range(pl.len()) == 0).then(pl.col("net_amount") + one_fen).otherwise("net_amount")
-            .cast(cash.schema["net_amount"]).alias("net_amount")
-        )
-        assert fixed["net_amount"].sum() != cash["net_amount"].sum()
-        return _replace(window, obligations_cash_delta=fixed)
+def _row_lost(window: Window) -> Window:
+    """Neither accepts nor quarantines the last input row."""
+    return _replace(window, accepted=window.frames["accepted"][:-1])
 
 
 @dataclasses.dataclass(frozen=True)
-class RowLosingValidate:
-    """Neither accepts nor quarantines the last input row of window FAIL_AT."""
+class Faulty:
+    """`stage` with `fault` applied to its output in window FAIL_AT."""
 
-    name: str = "row-losing validation"
+    stage: object
+    fault: Callable[[Window], Window]
+
+    @property
+    def name(self) -> str:
+        return f"faulty {self.stage.name}"
 
     def process(self, window, ctx):
-        window = Validate().process(window, ctx)
-        if window.window_id != FAIL_AT:
-            return window
-        acc = window.frames["accepted"]
-        return _replace(window, accepted=acc[:-1])
+        window = self.stage.process(window, ctx)
+        return self.fault(window) if window.window_id == FAIL_AT else window
 
 
 FAULTS = {
-    "holdings": ((Validate(), Clear(), BrokenRegister()), r"holdings not conserved"),
-    "securities_leg": ((Validate(), LegDroppingClear(), Register()), r"net securities do not sum to zero"),
-    "cash_fen": ((Validate(), FenLosingClear(), Register()), r"net cash != -fees"),
-    "lost_row": ((RowLosingValidate(), Clear(), Register()), r"rows read \d+ != accepted \d+ \+ quarantined \d+"),
+    "holdings": ((Validate(), Clear(), Faulty(Register(), _share_from_thin_air)), r"holdings not conserved"),
+    "securities_leg": ((Validate(), Faulty(Clear(), _leg_dropped), Register()), r"net securities do not sum to zero"),
+    "cash_fen": ((Validate(), Faulty(Clear(), _fen_lost), Register()), r"net cash != -fees"),
+    "lost_row": ((Faulty(Validate(), _row_lost), Clear(), Register()),
+                 r"rows read \d+ != accepted \d+ \+ quarantined \d+"),
 }
 
 
@@ -138,11 +125,14 @@ def _bookkeeping(storage) -> dict[str, pl.DataFrame]:
     return out
 
 
-@pytest.mark.parametrize("group", [1, 2], ids=["alone", "grouped"])
+@pytest.mark.parametrize(("group", "pace"), [(1, None), (2, None), (2, engine_module.PACE_TRADES_PER_S_MAX)],
+                         ids=["alone", "grouped", "grouped_feed"])
 @pytest.mark.parametrize("resume", ["new_engine", "same_engine"])
 @pytest.mark.parametrize("fault", list(FAULTS))
-def test_faulty_stage_fails_window_and_commits_nothing(market, reference, new_target, fault, resume, group,
+def test_faulty_stage_fails_window_and_commits_nothing(market, reference, new_target, fault, resume, group, pace,
                                                        monkeypatch):
+    """Alone, a window is checked on the processing thread; grouped, on the commit lane,
+    unless the run is a live feed (pace); each way the windows before it commit."""
     stages, invariant = FAULTS[fault]
     if group > 1:
         # Group commits of `group` windows: the window before the faulty one is held when
@@ -161,7 +151,7 @@ def test_faulty_stage_fails_window_and_commits_nothing(market, reference, new_ta
             after.append(({n: storage.table(n) for n in TABLES}, _bookkeeping(storage)))
 
         with pytest.raises(SelfCheckError, match=rf"window {FAIL_AT} not committed: {invariant}"):
-            engine.run(sources, WINDOW, on_window)
+            engine.run(sources, WINDOW, on_window, pace_trades_per_s=pace)
         assert len(after) == FAIL_AT - 1, "windows before the faulty one committed"
         tables_before, books_before = after[-1]
 
@@ -174,9 +164,11 @@ def test_faulty_stage_fails_window_and_commits_nothing(market, reference, new_ta
         books = _bookkeeping(storage)
         assert books["sources"].equals(books_before["sources"])
         assert books["meta"].equals(books_before["meta"])
-        # ... except the record of the failed check.
+        # ... except the record of the failed check (where the window before it came in the
+        # same group, the job that committed it recorded the failure before its callback ran).
         failed = books["self_checks"].filter(pl.col("status") == "FAILED")
-        assert failed.height == 1 and books_before["self_checks"].height == 0
+        assert failed.height == 1 and books["self_checks"].height == 1
+        assert books_before["self_checks"].filter(pl.col("status") != "FAILED").height == 0
         row = failed.row(0, named=True)
         assert row["window_id"] == FAIL_AT
         assert pl.Series([row["detail"]]).str.contains(invariant).all(), row["detail"]
@@ -203,6 +195,47 @@ def test_faulty_stage_fails_window_and_commits_nothing(market, reference, new_ta
     assert got["checkpoints"].select(cols).equals(reference["checkpoints"].select(cols))
 
 
+@pytest.fixture(scope="module")
+def processed(market, tmp_path_factory) -> list[Window]:
+    """Every processed window of a replay of the market, as they are checked (in groups)."""
+    seen: list[Window] = []
+    real = checks.violations
+
+    def recorded(windows):
+        seen.extend(windows)
+        return real(windows)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checks, "violations", recorded)
+        replay([str(market / "trades")], str(market / "refdata"), str(tmp_path_factory.mktemp("seen") / "t.duckdb"),
+               window_rows=WINDOW)
+    assert [w.window_id for w in seen] == list(range(1, len(seen) + 1)) and len(seen) >= 8
+    return seen
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_a_group_s_checks_and_digests_are_each_window_s_alone(processed, data):
+    """A group commit's windows are checked and digested at once: each window's
+    messages and digest are those it gets alone, whatever windows it comes with, and only
+    broken windows have messages."""
+    faults = [None, _share_from_thin_air, _leg_dropped, _fen_lost, _row_lost]
+    chosen = data.draw(st.lists(st.sampled_from(faults), min_size=len(processed), max_size=len(processed)))
+    windows = [fault(w) if fault else w for w, fault in zip(processed, chosen, strict=True)]
+    lo = data.draw(st.integers(0, len(windows) - 1))
+    group = windows[lo:data.draw(st.integers(lo + 1, len(windows)))]
+    alone = [checks.violations([w])[0] for w in group]
+    assert checks.violations(group) == alone
+    assert [bool(found) for found in alone] == [f is not None for f in chosen[lo:lo + len(group)]]
+    digests = engine_module._digests(group)
+    assert digests == [engine_module._digests([w])[0] for w in group]
+    # A digest tells a window's content: a broken window's differs from its sound one's.
+    for w, fault, digest in zip(processed[lo:], chosen[lo:], digests, strict=False):
+        if fault in (_share_from_thin_air, _leg_dropped, _fen_lost):
+            assert digest != engine_module._digests([w])[0]
+    assert engine_module._digests([]) == [] and checks.violations([]) == []
+
+
 @dataclasses.dataclass(frozen=True)
 class LatePieceBrokenRegister:
     """Registers a share out of thin air in the second piece of window FAIL_AT, after the
@@ -215,7 +248,7 @@ class LatePieceBrokenRegister:
         self.pieces.append(window.window_id)
         if self.pieces.count(FAIL_AT) != 2:
             return Register().process(window, ctx)
-        return BrokenRegister().process(window, ctx)
+        return _share_from_thin_air(Register().process(window, ctx))
 
 
 def test_fault_in_a_later_piece_commits_nothing_of_its_window(market, reference, new_target, monkeypatch):
@@ -252,8 +285,9 @@ def test_cli_exit_3_on_failed_self_check(market, reference, new_target):
         from settle_arrow import checks
         from settle_arrow.cli import app
 
-        real = checks.window_violations
-        checks.window_violations = lambda w: ["injected: books do not balance"] if w.window_id == 2 else real(w)
+        real = checks.violations
+        checks.violations = lambda ws: [["injected: books do not balance"] if w.window_id == 2 else found
+                                        for w, found in zip(ws, real(ws))]
         sys.argv = ["settle-arrow", "replay", {str(market / "trades")!r}, "--refdata", {str(market / "refdata")!r},
                     "--db", {str(db)!r}, "--window", "{WINDOW}"]
         app()
