@@ -15,16 +15,17 @@ Data model:
 
 Invariants: a stage adds frames, never mutates one it received; every frame whose name is
 a storage table is appended by the engine in the window's single transaction; effects run
-in order, once the window passed its self-checks, before that transaction commits (the
-engine rebuilds state from the database if it fails).
+in order right after the window is processed, before its self-checks and that transaction
+(the engine rebuilds state from the database if either fails).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
+import numpy as np
 import polars as pl
 
 from settle_arrow.refdata import RefData
@@ -43,6 +44,15 @@ class Window:
         clash = set(frames) & set(self.frames)
         assert not clash, f"frames already produced: {sorted(clash)}"
         return dataclasses.replace(self, frames={**self.frames, **frames}, effects=self.effects + effects)
+
+
+def stacked(windows: Sequence[Window], name: str) -> pl.DataFrame:
+    """Frame `name` of each of `windows`, one after another, each row with its window's
+    `window_id` (Int64): one frame for the windows of a group commit."""
+    # hstack, not with_columns: a query's fixed cost (~30 µs) per table and window.
+    frames = [f.hstack([pl.Series("window_id", np.full(f.height, w.window_id, dtype=np.int64))])
+              for w in windows if (f := w.frames[name]).height]
+    return pl.concat(frames) if frames else windows[0].frames[name].hstack([pl.Series("window_id", [], dtype=pl.Int64)])
 
 
 @dataclasses.dataclass(frozen=True)
