@@ -4,7 +4,9 @@ Data model: ordered SourceFiles -> windows (a window is `window_rows` consecutiv
 rows, possibly spanning files; `batch` makes the whole input one window) -> pieces of at
 most PIECE_ROWS_MAX rows (a window is one piece unless larger) -> stages' prepare (reader
 thread; in a replay that is not paced, the row-wise part once for several pieces, up to
-PREPARE_ROWS_MAX rows) -> stages' process -> self-checks -> state effects -> storage.stage_window per
+PREPARE_ROWS_MAX rows) -> stages' process -> state effects -> self-checks and digests
+(as pieces are handed to the commit lane: for a replay's group of windows on the lane,
+else in this thread) -> storage.stage_window per
 piece that ends no window; storage.commit_windows for a window's last piece, together with
 the windows processed while the commit before them ran (group commit; commit lane),
 which then adds the windows' securities obligations to its sums since the last fold
@@ -16,7 +18,7 @@ Invariants:
     in one transaction, in window order, on the commit lane (pipeline.py) while the next
     piece is processed; a transaction holds one or more whole windows; in-memory state
     runs ahead of the database by at most the windows held for the lane and the group it
-    commits, and is rebuilt from it after any failed commit; on restart the offsets say
+    commits, and is rebuilt from it after any failed commit or self-check; on restart the offsets say
     where to resume and recovery rebuilds the state, so every input row is processed
     exactly once whatever moment the process dies at;
   * a window whose self-checks fail is not committed and stops the run.
