@@ -4,13 +4,13 @@ Data model: ordered SourceFiles -> windows (a window is `window_rows` consecutiv
 rows, possibly spanning files; `batch` makes the whole input one window) -> pieces of at
 most PIECE_ROWS_MAX rows (a window is one piece unless larger) -> stages' prepare (reader
 thread; in a replay that is not paced, the row-wise part once for several pieces, up to
-PREPARE_ROWS_MAX rows) -> stages' process -> state effects -> self-checks and digests
-(as pieces are handed to the commit lane: for a replay's group of windows on the lane,
-else in this thread) -> storage.stage_window per
-piece that ends no window; storage.commit_windows for a window's last piece, together with
-the windows processed while the commit before them ran (group commit; commit lane),
-which then adds the windows' securities obligations to its sums since the last fold
-(obligations.py) and writes any snapshot or fold that came due; a run ends with a fold.
+PREPARE_ROWS_MAX rows) -> stages' process -> state effects -> stages' finish, self-checks
+and digests, once for the pieces handed to the commit lane together (a replay's group of
+windows: on the lane; else in this thread) -> storage.stage_window per piece that ends no
+window; storage.commit_windows for a window's last piece, together with the windows
+processed while the commit before them ran (group commit; commit lane), which then adds
+the windows' securities obligations to its sums since the last fold (obligations.py) and
+writes any snapshot or fold that came due; a run ends with a fold.
 
 Invariants:
   * one Python iteration per piece, never per row;
@@ -363,23 +363,59 @@ def _combine(digests: list[str]) -> str:
     return hashlib.sha256(":".join(digests).encode()).hexdigest()[:16]
 
 
-def _checked(group: tuple[_Processed, ...], earlier: Sequence[str] = ()) -> tuple[tuple[_Processed, ...], list[str]]:
-    """The pieces of `group` before the first that fails its self-checks, each with its
-    digest (and a window's checkpoint with its window's), and that one's violations ([]
-    where none fails): checked and digested over the group at once. `earlier`: the digests
-    of the earlier pieces of the window `group`'s first piece belongs to (then alone)."""
+@dataclasses.dataclass(frozen=True)
+class _Checked:
+    """A group's outcome before its commit: `passed`, the pieces before the first that
+    failed, finished and each with its digest (a window's checkpoint with its window's);
+    that one's self-check `problems`, or the `error` its stages' finish raised."""
+
+    passed: tuple[_Processed, ...]
+    problems: list[str]
+    error: Exception | None
+
+
+def _finished(group: tuple[_Processed, ...], finish: Callable[[Sequence[Window]], list[Window]],
+              ) -> tuple[list[_Processed], Exception | None]:
+    """`group`'s pieces through `finish` (the stages' finish) at once; where that raises,
+    one by one: those before the piece that raises, and its error (amounts too large to
+    net, say), so the windows before it still commit."""
+    try:
+        windows = finish([p.window for p in group])
+    except Exception as exc:
+        if len(group) == 1:
+            return [], exc
+        together = exc
+    else:
+        return [dataclasses.replace(p, window=w) for p, w in zip(group, windows, strict=True)], None
+    finished: list[_Processed] = []
+    for p in group:
+        try:
+            finished.append(dataclasses.replace(p, window=finish([p.window])[0]))
+        except Exception as exc:
+            return finished, exc
+    raise AssertionError("finish failed for the pieces together, not for any alone") from together
+
+
+def _checked(group: tuple[_Processed, ...], finish: Callable[[Sequence[Window]], list[Window]],
+             earlier: Sequence[str] = ()) -> _Checked:
+    """`group`'s pieces finished (_finished), then self-checked and digested over the
+    group at once (see _Checked). `earlier`: the digests of the earlier pieces of the
+    window `group`'s first piece belongs to (then alone)."""
     assert not earlier or len(group) == 1
-    windows = [p.window for p in group]
+    finished, error = _finished(group, finish)
+    windows = [p.window for p in finished]
     problems = checks.violations(windows)
-    failed = next((i for i, found in enumerate(problems) if found), len(group))
+    failed = next((i for i, found in enumerate(problems) if found), len(finished))
     passed = []
-    for p, digest in zip(group[:failed], _digests(windows[:failed]), strict=True):
+    for p, digest in zip(finished[:failed], _digests(windows[:failed]), strict=True):
         mark = p.mark
         if mark is not None:
             whole = _combine([*earlier, digest]) if earlier else digest
             mark = dataclasses.replace(mark, checkpoint={**mark.checkpoint, "digest": whole})
         passed.append(dataclasses.replace(p, mark=mark, digest=digest))
-    return tuple(passed), problems[failed] if failed < len(group) else []
+    if failed < len(finished):
+        return _Checked(tuple(passed), problems[failed], None)
+    return _Checked(tuple(passed), [], error)
 
 
 class Engine:
@@ -506,6 +542,17 @@ class Engine:
             window = stage.process(window, ctx)
         return window
 
+    def finish(self, windows: Sequence[Window]) -> list[Window]:
+        """The stages' finish over processed windows handed over together, their effects
+        applied (see stages/base.py)."""
+        out = list(windows)
+        for stage in self.stages:
+            finish = getattr(stage, "finish", None)
+            if finish is not None:
+                out = finish(out, self.refdata)
+                assert [w.window_id for w in out] == [w.window_id for w in windows], f"{stage.name}: finish kept its windows"
+        return out
+
     def run(
         self,
         sources: tuple[SourceFile, ...],
@@ -585,9 +632,10 @@ class Engine:
 
         def hand_over() -> None:
             """Submit the held pieces as one commit job (waits for the job before it), once
-            checked: a replay's groups of windows on the commit lane (Engine._commit_job),
-            a window or piece alone, or a live feed's, here, where one that fails stops the
-            run (SelfCheckError) after the windows before it commit."""
+            finished and checked (_checked): a replay's groups of windows on the commit lane
+            (Engine._commit_job), a window or piece alone, or a live feed's, here, where one
+            that fails its checks (SelfCheckError) or its finish stops the run after the
+            windows before it commit."""
             nonlocal piece_digests
             if not held:
                 return
@@ -596,24 +644,24 @@ class Engine:
             report = functools.partial(self._report, group, on_window, on_commit)
             if len(group) > 1 and pace_trades_per_s is None:
                 # Windows held while the lane was busy, the replay behind its input: their
-                # checks and digests run on the lane, off this thread, whose work sets the
-                # rate (10,000-row windows at full speed, four alternating pairs: 13.9-14.6
-                # against 14.6-15.7 s, steady rate +3-19%, CPU -1.0-1.4 s, measured; the same
-                # checks batched here gained nothing).
+                # finish, checks and digests run on the lane, off this thread, whose work sets
+                # the rate (10,000-row windows at full speed, four alternating pairs, the
+                # checks and digests: 13.9-14.6 against 14.6-15.7 s, steady rate +3-19%, CPU
+                # -1.0-1.4 s, measured; the same checks batched here gained nothing).
                 lane.submit(self._commit_job(group, checked=False), report)
                 return
             # Here, a lone window's commit job is the commit alone, and a live feed's stays so
             # as it catches up: its latency, not the rate, counts (every check on the lane, at
             # 230,000 trades/s: p99 113-251 against 99-124 ms in five pairs, measured).
-            passed, problems = _checked(group, piece_digests)
-            if passed:
-                piece_digests = [*piece_digests, passed[0].digest] if passed[-1].mark is None else []
-                lane.submit(self._commit_job(passed), report)
-            if problems:
+            out = _checked(group, self.finish, piece_digests)
+            if out.passed:
+                piece_digests = [*piece_digests, out.passed[0].digest] if out.passed[-1].mark is None else []
+                lane.submit(self._commit_job(out.passed), report)
+            if out.problems or out.error:
                 lane.drain()  # the windows before this one commit
                 self._abort_window()  # and none of this one's pieces
                 piece_digests = []
-                raise self._refused(group[len(passed)].window.window_id, problems)
+                raise out.error or self._refused(group[len(out.passed)].window.window_id, out.problems)
 
         def idle() -> None:
             """While the reader has no piece ready (a live feed's next rows have not
@@ -764,21 +812,23 @@ class Engine:
         """The commit lane's job for `group`: one piece of a window in pieces (staged in its
         open transaction), or windows that commit in one transaction (the last of them may
         end a window in pieces), then any compaction or snapshot that makes due. Not
-        `checked` yet (a group of whole windows), its windows are checked first: those
-        before one that fails commit, then the job records the failure and raises. Jobs run
-        one at a time in window order, so the row counters they keep are only ever touched
-        by the job running. Each committed window's timing gets the job's start and the
-        commit's return (perf_counter seconds)."""
+        `checked` yet (a group of whole windows), its windows are finished and checked first
+        (_checked): those before one that fails commit, then the job raises (a failed check
+        recorded first). Jobs run one at a time in window order, so the row counters they
+        keep are only ever touched by the job running. Each committed window's timing gets
+        the job's start and the commit's return (perf_counter seconds)."""
         assert group and (group[-1].mark is not None or len(group) == 1), "a piece that ends no window goes alone"
         assert checked or all(p.mark is not None for p in group), "pieces are checked as they are handed over"
 
         def job() -> None:
             started_s = time.perf_counter()
-            passed, problems = (group, []) if checked else _checked(group)
-            if passed:
-                self._commit(passed, started_s)
-            if problems:
-                raise self._refused(group[len(passed)].window.window_id, problems)
+            out = _Checked(group, [], None) if checked else _checked(group, self.finish)
+            if out.passed:
+                self._commit(out.passed, started_s)
+            if out.problems:
+                raise self._refused(group[len(out.passed)].window.window_id, out.problems)
+            if out.error:
+                raise out.error
 
         return job
 

@@ -319,6 +319,42 @@ def running_positions(keys: np.ndarray, delta: np.ndarray, before: np.ndarray) -
 
 
 @numba.njit(cache=True, nogil=True)
+def _dense_ranks(buy_key, sell_key, rank, keys_out, buy_rank, sell_rank):  # noqa: ANN001, ANN202
+    for i in range(buy_key.shape[0]):
+        rank[buy_key[i]] = 1
+        rank[sell_key[i]] = 1
+    g = 0
+    for k in range(rank.shape[0]):
+        if rank[k]:
+            keys_out[g] = k
+            g += 1
+            rank[k] = g
+    for i in range(buy_key.shape[0]):
+        buy_rank[i] = rank[buy_key[i]] - 1
+        sell_rank[i] = rank[sell_key[i]] - 1
+    return g
+
+
+def dense_ranks(buy_key: np.ndarray, sell_key: np.ndarray, span: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rank of each buy key, of each sell key, the distinct keys): a key's rank is its
+    position among the distinct keys of both, ascending. As numpy: keys, inverse =
+    np.unique(np.concatenate([buy_key, sell_key]), return_inverse=True), whose sort of the
+    2n keys costs more than two passes over them and one over a mark per possible key
+    0..span-1, 4 bytes each (netting in a slot per possible key and column, 32 bytes a key,
+    took 3.7 ms for a ten-window group's 800,000 possible keys, against 1.2 ms through
+    these ranks, measured)."""
+    assert buy_key.dtype == sell_key.dtype == np.int64 and len(buy_key) == len(sell_key)
+    assert not len(buy_key) or (0 <= min(buy_key.min(), sell_key.min())
+                                and max(buy_key.max(), sell_key.max()) < span), "key out of range"
+    assert span < 1 << 31, "ranks are int32 marks"
+    rank = np.zeros(span, dtype=np.int32)
+    keys = np.empty(min(span, 2 * len(buy_key)), dtype=np.int64)
+    buy_rank, sell_rank = np.empty(len(buy_key), dtype=np.int64), np.empty(len(sell_key), dtype=np.int64)
+    g = _dense_ranks(buy_key, sell_key, rank, keys, buy_rank, sell_rank) if len(buy_key) else 0
+    return buy_rank, sell_rank, keys[:g]
+
+
+@numba.njit(cache=True, nogil=True)
 def _net_quantities(buy_group, sell_group, quantity, out):  # noqa: ANN001, ANN202
     for i in range(quantity.shape[0]):
         q = quantity[i]
@@ -461,6 +497,7 @@ def warm() -> None:
         key_runs(values, values)
         running_positions(values, values, values)
         net_quantities(zeros, zeros, values, 1)
+        dense_ranks(values, values, 1)
         net_cash(zeros, zeros, values, *(np.zeros((1, 1), dtype=np.int64),) * 2, 1)
     for writable in (True, False):  # holdings' dimension ids, from Polars or Arrow (read-only)
         ids = _flagged(np.zeros(2, dtype=np.int32), writable)

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from market import T1, T, trade, write_refdata, write_trades
 
-from settle_arrow import UserError, open_target, replay, schema
+from settle_arrow import UserError, engine, open_target, pipeline, replay, schema
 from settle_arrow.stages.validate import AMOUNT_MILLI_MAX
 from settle_arrow.state import TRADE_ID_BITS
 
@@ -421,6 +421,35 @@ def test_huge_values_from_csv(tmp_path, ref, new_target):
     assert reasons(tables) == ["BAD_QUANTITY", "SCHEMA", "BAD_QUANTITY", "OK", "SCHEMA", "OK"]
     amounts = dict(tables["trades"].select("trade_id", "amount").iter_rows())
     assert amounts == {4: D("1000000000.00"), 6: D("0.00")}
+
+
+@pytest.mark.parametrize(("group", "pace"), [(1, None), (3, None), (3, engine.PACE_TRADES_PER_S_MAX)],
+                         ids=["alone", "grouped", "grouped_feed"])
+def test_sums_too_large_to_net_stop_the_run_after_the_windows_before(tmp_path, ref, new_target, group, pace,
+                                                                     monkeypatch):
+    """A window whose cash sums leave decimal(18,2) (1,000 trades at the amount limit
+    between the same accounts) stops the run with the error that says so: the windows
+    before it commit, in its group too (netted together with it on the commit lane, or in
+    a live feed's on the processing thread), nothing of it does, and a re-run stops there
+    again, having committed nothing twice."""
+    if group > 1:  # windows held for a busy lane, handed over three at a time
+        monkeypatch.setattr(pipeline.CommitLane, "busy", lambda self: True)
+        monkeypatch.setattr(engine, "COMMIT_GROUP_WINDOWS_MAX", group)
+    limit_qty = AMOUNT_MILLI_MAX // 1_000_000  # at 1000.000 CNY per share: 10^15 fen a trade
+    rows = [trade(i, "A1", "A2", 100, "10.00") for i in range(1, 2001)]
+    rows += [trade(i, "A3", "A1", limit_qty, "1000.00") for i in range(2001, 3001)]
+    rows += [trade(i, "A1", "A2", 100, "10.00") for i in range(3001, 4001)]
+    f = write_trades(tmp_path / "t.parquet", rows)
+    db = new_target("db")
+    for _ in range(2):
+        with pytest.raises(UserError, match=r"obligations_cash\.\w+ exceeds decimal\(18,2\)") as excinfo:
+            replay([str(f)], ref, db, window_rows=1000, pace_trades_per_s=pace)
+        assert "\n" not in str(excinfo.value)
+        with open_target(db) as t:
+            assert t.table("trades")["trade_id"].sort().to_list() == list(range(1, 2001))
+            assert t.table("quarantine").height == 0
+            assert [s["rows_done"] for s in t.status().sources] == [2000]
+            assert t.table("obligations_securities")["net_quantity"].abs().sum() == 2 * 2000 * 100
 
 
 # --- malformed files and user mistakes ------------------------------------------------

@@ -200,3 +200,48 @@ def test_packed_keys_order_as_their_fields_and_unpack(data, radices):
     assert [c.tolist() for c in _unpacked(key, radices)] == [c.tolist() for c in cols]
     assert _packed([(cols[0] + radices[0], radices[0]), *zip(cols[1:], radices[1:], strict=True)]) is None
     assert _packed([(cols[0], PACKED_KEY_MAX + 1)]) is None
+
+
+def _processed_windows(rows: int) -> list[Window]:
+    """The sample market in windows of `rows`, processed through every stage (not finished)."""
+    ctx = StageContext(refdata=REF, state=EngineState(n_sec=REF.n_sec))
+    out = []
+    for i, raw in enumerate(_windows(discover([str(SAMPLE / "trades")]), {}, rows)):
+        window = Window(window_id=i + 1, frames={"input": raw.frame})
+        for stage in STAGES:
+            window = stage.process(window, ctx)
+        for effect in window.effects:
+            effect()
+        out.append(window)
+    return out
+
+
+_PROCESSED = _processed_windows(317)
+_NETTED = ("obligations_securities_idx", "obligations_securities_delta", "obligations_cash_delta")
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data(), path=st.sampled_from(["slots", "hashed", "columns"]))
+def test_a_group_is_netted_as_each_window_alone(data, path):
+    """Clear.finish nets the windows handed over together at once: each window gets exactly
+    the frames it gets alone, whatever windows come with it (some empty of trades), on every
+    netting path (packed keys in slots or hash-grouped, key columns)."""
+    lo = data.draw(st.integers(0, len(_PROCESSED) - 1))
+    group = _PROCESSED[lo:data.draw(st.integers(lo + 1, min(len(_PROCESSED), lo + 8)))]
+    empty = data.draw(st.booleans())
+    if empty:  # a window whose rows were all quarantined clears nothing
+        w = group[0]
+        group = [dataclasses.replace(w, frames={**w.frames, "cleared": w.frames["cleared"].clear()}), *group[1:]]
+    patches = {"slots": {"DENSE_GROUPS_MIN": 1 << 40}, "hashed": {"DENSE_GROUPS_MIN": 0, "DENSE_GROUPS_PER_LEG": 0},
+               "columns": {"PACKED_KEY_MAX": 0}}[path]
+    with mock.patch.multiple(clearing, **patches):
+        together = clearing.Clear().finish(group, REF)
+        alone = [clearing.Clear().finish([w], REF)[0] for w in group]
+    assert [w.window_id for w in together] == [w.window_id for w in group]
+    for a, b in zip(together, alone, strict=True):
+        for name in _NETTED:
+            assert a.frames[name].equals(b.frames[name]), name
+            assert "window" not in a.frames[name].columns
+    # A window's netting is its own cleared trades' (the sample spans several trade dates).
+    first = alone[0].frames["obligations_securities_delta"]
+    assert first.height == 0 if empty else first["net_quantity"].abs().sum() > 0

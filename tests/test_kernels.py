@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from settle_arrow import money
 from settle_arrow.kernels import (
+    dense_ranks,
     fees_fen,
     find_in_run,
     gather_found,
@@ -238,12 +239,27 @@ def test_net_cash_is_add_at(legs):
     assert np.array_equal(net_cash(buy, sell, a, fees["buy"], fees["sell"], groups), want)
 
 
+@settings(max_examples=200, deadline=None)
+@given(span=st.integers(1, 50), data=st.data())
+def test_dense_ranks_is_unique_inverse(span, data):
+    """The distinct keys of both sides ascending, each key's rank among them: np.unique's."""
+    n = data.draw(st.integers(0, 40))
+    buy, sell = (np.array(data.draw(st.lists(st.integers(0, span - 1), min_size=n, max_size=n)), dtype=np.int64)
+                 for _ in range(2))
+    keys, inverse = np.unique(np.concatenate([buy, sell]), return_inverse=True)
+    buy_rank, sell_rank, got = dense_ranks(buy, sell, span)
+    assert np.array_equal(got, keys)
+    assert np.array_equal(np.concatenate([buy_rank, sell_rank]), inverse.ravel())
+
+
 def test_netting_kernels_refuse_groups_out_of_range():
     one = np.ones(1, dtype=np.int64)
     with pytest.raises(AssertionError, match="group"):
         net_quantities(one, one, one, 1)
     with pytest.raises(AssertionError, match="group"):
         net_cash(one, one, one, one.reshape(1, 1), one.reshape(1, 1), 1)
+    with pytest.raises(AssertionError, match="key"):
+        dense_ranks(one, one, 1)
 
 
 @settings(max_examples=200, deadline=None)

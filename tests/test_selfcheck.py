@@ -104,6 +104,13 @@ class Faulty:
 
     def process(self, window, ctx):
         window = self.stage.process(window, ctx)
+        return window if hasattr(self.stage, "finish") else self._faulted(window)
+
+    def finish(self, windows, ref):
+        """The fault in the stage's last output: its finish's where it has one."""
+        return [self._faulted(w) for w in self.stage.finish(windows, ref)] if hasattr(self.stage, "finish") else windows
+
+    def _faulted(self, window):
         return self.fault(window) if window.window_id == FAIL_AT else window
 
 

@@ -38,6 +38,8 @@ def _run(ref, sources, prepared: bool) -> tuple[list[dict[str, pl.DataFrame]], E
             window = stage.process(window, ctx)
         for effect in window.effects:
             effect()
+        for stage in STAGES:
+            window = stage.finish([window], ref)[0] if hasattr(stage, "finish") else window
         out.append({name: window.frames[name] for name in OUTPUTS})
     return out, state
 

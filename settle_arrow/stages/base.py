@@ -12,11 +12,20 @@ Data model:
            depends on each row alone, row-aligned with `frame`; the engine may run it over
            several windows' inputs at once and give each window its slices, which its
            `prepare` must use as it would its own (and make them itself when absent).
+           And `finish(windows, refdata) -> windows`: the part of its work that reads no
+           state and whose frames no stage's `process` reads (clearing's netting), over
+           the windows the engine hands over together, each window's frames its own
+           whatever windows come with it; the engine runs every stage's finish, in stage
+           order, after the windows' effects and before their self-checks, where it
+           chooses (on the commit lane for a replay's group of windows). An error it
+           raises stops the run as one in `process` does: the windows before the window
+           that raises it (the engine finds it finishing them one by one) commit,
+           nothing of it does.
 
 Invariants: a stage adds frames, never mutates one it received; every frame whose name is
 a storage table is appended by the engine in the window's single transaction; effects run
-in order right after the window is processed, before its self-checks and that transaction
-(the engine rebuilds state from the database if either fails).
+in order right after the window is processed, before its finish, its self-checks and that
+transaction (the engine rebuilds state from the database if any of them fails).
 """
 
 from __future__ import annotations

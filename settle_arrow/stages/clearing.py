@@ -7,6 +7,7 @@ Data model:
   in   frames["accepted"] (+ frames["clearing_prepared"] when prepare ran)
   out  frames["cleared"]: accepted + security info, participants, int fen amount and fees
        (signed: an X row carries the negation of its trade), settlement dates
+  finish  frames["cleared"] ->
        frames["obligations_securities_delta"], frames["obligations_cash_delta"]: this
        window's contribution per obligation key (output rows: the self-checks and the
        window's digest); the cash table is their sum (a storage view)
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import polars as pl
@@ -177,18 +179,19 @@ def _require_settle_dates(accepted: pl.DataFrame, per_trade: pl.DataFrame) -> No
 
 
 def _net_securities(c: pl.DataFrame, ref: RefData) -> pl.DataFrame:
-    """Securities obligations (_IDX_COLUMNS) grouped on (trade_date, sec_idx, part) as
-    columns: the path for keys too wide to pack (see _net_securities_packed)."""
+    """Securities obligations (_IDX_COLUMNS) grouped on (window, trade_date, sec_idx, part)
+    as columns: the path for keys too wide to pack (see _net_securities_packed)."""
     sq = pl.col("quantity") * pl.col("sign")
     zero = pl.lit(0, dtype=pl.Int64)
     legs = pl.concat(
         [
-            c.select("trade_date", "sec_idx", "securities_settle_date", pl.col(f"{side}_part_idx").alias("part_idx"),
+            c.select("window", "trade_date", "sec_idx", "securities_settle_date",
+                     pl.col(f"{side}_part_idx").alias("part_idx"),
                      net.alias("net_quantity"), buy.alias("buy_quantity"), sell.alias("sell_quantity"))
             for side, net, buy, sell in (("buy", sq, sq, zero), ("sell", -sq, zero, sq))
         ]
     )
-    sec = legs.group_by("trade_date", "sec_idx", "part_idx").agg(
+    sec = legs.group_by("window", "trade_date", "sec_idx", "part_idx").agg(
         pl.col("securities_settle_date").first(), pl.col("net_quantity", "buy_quantity", "sell_quantity").sum()
     )
     # Sorted as the key (market, trade_date, settlement date, participant_id, security_id)
@@ -196,13 +199,13 @@ def _net_securities(c: pl.DataFrame, ref: RefData) -> pl.DataFrame:
     # participants by participant_id, so their row numbers order them (measured, 21 k rows:
     # 3 against 7 ms on the strings).
     sec = sec.with_columns(pl.Series("market_rank", ref.market_rank[sec["sec_idx"].to_numpy()])).sort(
-        "market_rank", "trade_date", "securities_settle_date", "part_idx", "sec_idx")
-    return sec.select(*_IDX_COLUMNS[:2], pl.col(*_IDX_COLUMNS[2:4]).cast(pl.Int32), *_QUANTITY_COLS)
+        "window", "market_rank", "trade_date", "securities_settle_date", "part_idx", "sec_idx")
+    return sec.select("window", *_IDX_COLUMNS[:2], pl.col(*_IDX_COLUMNS[2:4]).cast(pl.Int32), *_QUANTITY_COLS)
 
 
 def _net_securities_packed(c: pl.DataFrame, ref: RefData) -> pl.DataFrame | None:
-    """Securities obligations (_IDX_COLUMNS) through one int64 key per leg, packed from (market rank,
-    trade date, settlement offset, participant, security) in the output's sort order: one
+    """Securities obligations (_IDX_COLUMNS) through one int64 key per leg, packed from (window,
+    market rank, trade date, settlement offset, participant, security) in the output's sort order: one
     integer group-by, one integer sort, and the fields decoded from the groups (100,000
     trades: 17 ms CPU, against 3-column grouping and a 5-column sort). The settlement date
     follows from trade date and security, so the groups are those of (trade_date, sec_idx,
@@ -214,10 +217,11 @@ def _net_securities_packed(c: pl.DataFrame, ref: RefData) -> pl.DataFrame | None
     offset = c["securities_settle_date"].cast(pl.Int32).to_numpy().astype(np.int64) - day
     market_rank = ref.market_rank
     day_min = int(day.min())
-    radices = [int(market_rank.max()) + 1, int(day.max()) - day_min + 1, int(offset.max()) + 1,
+    window = c["window"].to_numpy().astype(np.int64)
+    radices = [int(window.max()) + 1, int(market_rank.max()) + 1, int(day.max()) - day_min + 1, int(offset.max()) + 1,
                max(1, ref.participants.height), ref.n_sec]
-    keys = [_packed(list(zip([market_rank[sec_idx], day - day_min, offset, c[f"{side}_part_idx"].to_numpy(), sec_idx],
-                             radices, strict=True))) for side in ("buy", "sell")]
+    keys = [_packed(list(zip([window, market_rank[sec_idx], day - day_min, offset, c[f"{side}_part_idx"].to_numpy(),
+                              sec_idx], radices, strict=True))) for side in ("buy", "sell")]
     if any(k is None for k in keys):
         return None
     sq = (c["quantity"] * c["sign"]).to_numpy()
@@ -225,14 +229,15 @@ def _net_securities_packed(c: pl.DataFrame, ref: RefData) -> pl.DataFrame | None
     low = min(int(buy_key.min()), int(sell_key.min()))
     span = max(int(buy_key.max()), int(sell_key.max())) - low + 1
     if _few_slots(span, len(sq)):
-        # Few possible keys (a day's participants x securities): one compiled pass adds
-        # each leg into its key's slot, and the slots come out in key order.
-        from settle_arrow.kernels import net_quantities
+        # Few possible keys (a day's participants x securities): the keys used, in key
+        # order, from a mark per possible key, and one compiled pass adds each leg into
+        # its key's sums.
+        from settle_arrow.kernels import dense_ranks, net_quantities
 
-        sums = net_quantities(buy_key - low, sell_key - low, sq, span)
-        used = np.flatnonzero(sums[3])
+        buy_rank, sell_rank, used = dense_ranks(buy_key - low, sell_key - low, span)
+        sums = net_quantities(buy_rank, sell_rank, sq, len(used))
         key = used + low
-        groups = [pl.Series(name, sums[i, used]) for i, name in enumerate(_QUANTITY_COLS)]
+        groups = [pl.Series(name, sums[i]) for i, name in enumerate(_QUANTITY_COLS)]
     else:
         zero = np.zeros(len(sq), dtype=np.int64)
         legs = pl.DataFrame({"k": np.concatenate(keys), "net_quantity": np.concatenate([sq, -sq]),
@@ -240,10 +245,11 @@ def _net_securities_packed(c: pl.DataFrame, ref: RefData) -> pl.DataFrame | None
         grouped = legs.group_by("k").agg(pl.all().sum()).sort("k")
         key = grouped["k"].to_numpy()
         groups = [grouped[name] for name in _QUANTITY_COLS]
-    _, day, offset, part, sec = _unpacked(key, radices)
+    window, _, day, offset, part, sec = _unpacked(key, radices)
     day += day_min
     # Column by column, not by queries (see _cash_rows).
     return pl.DataFrame([
+        pl.Series("window", window, dtype=pl.Int32),
         _dates("trade_date", day),
         _dates("securities_settle_date", day + offset),
         pl.Series("part_idx", part, dtype=pl.Int32),
@@ -253,9 +259,11 @@ def _net_securities_packed(c: pl.DataFrame, ref: RefData) -> pl.DataFrame | None
 
 
 def _named(by_idx: pl.DataFrame, ref: RefData) -> pl.DataFrame:
-    """Obligations by reference indices (_IDX_COLUMNS) as the output's rows, same order."""
+    """Obligations by reference indices (window, _IDX_COLUMNS) as the output's rows (and
+    their window), same order."""
     sec, part = by_idx["sec_idx"].to_numpy(), by_idx["part_idx"].to_numpy()
     return pl.DataFrame([
+        by_idx["window"],
         ref.securities["market"][sec],
         by_idx["trade_date"],
         by_idx["securities_settle_date"],
@@ -295,9 +303,13 @@ def _unpacked(key: np.ndarray, radices: list[int]) -> list[np.ndarray]:
 
 
 def _obligations(c: pl.DataFrame, ref: RefData) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
-    """Net per obligation key: securities by reference indices and as output rows, cash.
-    Grouping runs on integer ids (~3x faster than on the strings, measured); the strings
-    are attached to the few aggregated rows afterwards."""
+    """Net per (window, obligation key): securities by reference indices and as output
+    rows, cash; each frame's first column `window` (Int32), rows in (window, key) order.
+    `c`: cleared trades, of several windows where its column `window` (0, 1, ...) says
+    whose (else all of window 0). Grouping runs on integer ids (~3x faster than on the
+    strings, measured); the strings are attached to the few aggregated rows afterwards."""
+    if "window" not in c.columns:
+        c = c.hstack([pl.Series("window", np.zeros(c.height, dtype=np.int32))])
     sec = _net_securities_packed(c, ref)
     if sec is None:
         sec = _net_securities(c, ref)
@@ -309,8 +321,9 @@ def _obligations(c: pl.DataFrame, ref: RefData) -> tuple[pl.DataFrame, pl.DataFr
 
 
 def _cash_rows(agg: pl.DataFrame, ref: RefData) -> pl.DataFrame:
-    """The obligations_cash rows, in key order, of cash sums per (trade_date,
-    cash_settle_date, pair, part) in integer fen (int64; int128 from the leg path). Built
+    """The obligations_cash rows (and their window), in (window, key) order, of cash sums
+    per (window, trade_date, cash_settle_date, pair, part) in integer fen (int64; int128
+    from the leg path). Built
     column by column, not by queries: a window has a few dozen such rows, and each eager
     Polars query costs ~0.1 ms whatever its size (with the securities' rows built alike and
     the decimal check on Series: clearing's process 7.4-8.1 -> 4.8-5.1 ms a 10,000-row
@@ -325,9 +338,11 @@ def _cash_rows(agg: pl.DataFrame, ref: RefData) -> pl.DataFrame:
     # The key (market, trade_date, cash_settle_date, participant_id, currency) through
     # integers ordered alike: participants are sorted by participant_id, so their row
     # numbers order them; pairs carry their market's and their currency's rank.
-    order = np.lexsort((currency_rank[pair], part, settle_day, day, market_rank[pair]))
+    window = agg["window"].to_numpy()
+    order = np.lexsort((currency_rank[pair], part, settle_day, day, market_rank[pair], window))
     pair, part = pair[order], part[order]
     return pl.DataFrame([
+        pl.Series("window", window[order], dtype=pl.Int32),
         pairs["market"][pair],
         _dates("trade_date", day[order]),
         _dates("cash_settle_date", settle_day[order]),
@@ -338,7 +353,7 @@ def _cash_rows(agg: pl.DataFrame, ref: RefData) -> pl.DataFrame:
 
 
 def _net_cash_dense(c: pl.DataFrame, pair_of_sec: np.ndarray, n_pairs: int, n_parts: int) -> pl.DataFrame | None:
-    """Cash obligations (trade_date, cash_settle_date, pair, part, money columns) in one
+    """Cash obligations (window, trade_date, cash_settle_date, pair, part, money columns) in one
     compiled pass over the trades, each leg added into the slot of its packed key (100,000
     trades: 2 against ~10 ms through 200,000 leg rows and a hash group-by, measured); None
     where the keys are too many for slots or a sum could leave int64 (the leg path sums
@@ -351,38 +366,42 @@ def _net_cash_dense(c: pl.DataFrame, pair_of_sec: np.ndarray, n_pairs: int, n_pa
     largest = int(np.abs(amount).max()) + max(int(np.abs(f).sum(axis=0).max()) for f in fees.values())
     if largest * 2 * c.height >= 1 << 63:
         return None
-    days, day_min, radices = _cash_key_radices(c["trade_date"], c["cash_settle_date"], n_pairs, n_parts)
+    fields, day_min, radices = _cash_key_radices(c["window"], c["trade_date"], c["cash_settle_date"], n_pairs, n_parts)
     pair = pair_of_sec[c["sec_idx"].to_numpy()].astype(np.int64)
-    keys = [_packed(list(zip([*days, pair, c[f"{side}_part_idx"].to_numpy()], radices, strict=True)))
+    keys = [_packed(list(zip([*fields, pair, c[f"{side}_part_idx"].to_numpy()], radices, strict=True)))
             for side in ("buy", "sell")]
     span = math.prod(radices)
     if any(k is None for k in keys) or not _few_slots(span, c.height):
         return None
-    from settle_arrow.kernels import net_cash
+    from settle_arrow.kernels import dense_ranks, net_cash
 
-    sums = net_cash(keys[0], keys[1], amount, fees["buy"], fees["sell"], span)
-    used = np.flatnonzero(sums[-1])
+    buy_rank, sell_rank, used = dense_ranks(keys[0], keys[1], span)
+    sums = net_cash(buy_rank, sell_rank, amount, fees["buy"], fees["sell"], len(used))
     return pl.DataFrame([*_cash_key_columns(used, day_min, radices),
-                         *[pl.Series(name, sums[i, used]) for i, name in enumerate(_MONEY_COLS)]])
+                         *[pl.Series(name, sums[i]) for i, name in enumerate(_MONEY_COLS)]])
 
 
-def _cash_key_radices(trade_date: pl.Series, cash_settle_date: pl.Series, n_pairs: int,
+def _cash_key_radices(window: pl.Series, trade_date: pl.Series, cash_settle_date: pl.Series, n_pairs: int,
                       n_parts: int) -> tuple[list[np.ndarray], int, list[int]]:
-    """The cash key's date fields (days since the earliest trade date, settlement offset),
-    that earliest day, and the radices of (day, offset, pair, part) for _packed."""
+    """The cash key's leading fields (window, days since the earliest trade date,
+    settlement offset), that earliest day, and the radices of (window, day, offset, pair,
+    part) for _packed."""
+    window_at = window.to_numpy().astype(np.int64)
     day = trade_date.cast(pl.Int32).to_numpy().astype(np.int64)
     offset = cash_settle_date.cast(pl.Int32).to_numpy().astype(np.int64) - day
     day_min = int(day.min())
-    radices = [int(day.max()) - day_min + 1, int(offset.max()) + 1, max(1, n_pairs), max(1, n_parts)]
-    return [day - day_min, offset], day_min, radices
+    radices = [int(window_at.max()) + 1, int(day.max()) - day_min + 1, int(offset.max()) + 1, max(1, n_pairs),
+               max(1, n_parts)]
+    return [window_at, day - day_min, offset], day_min, radices
 
 
 def _cash_key_columns(key: np.ndarray, day_min: int, radices: list[int]) -> list[pl.Series]:
-    """trade_date, cash_settle_date, pair and part decoded from packed cash keys."""
-    day, offset, pair, part = _unpacked(key, radices)
+    """window, trade_date, cash_settle_date, pair and part decoded from packed cash keys."""
+    window, day, offset, pair, part = _unpacked(key, radices)
     day += day_min
-    return [_dates("trade_date", day), _dates("cash_settle_date", day + offset),
-            pl.Series("pair", pair.astype(np.uint32)), pl.Series("part", part)]
+    return [pl.Series("window", window, dtype=pl.Int32), _dates("trade_date", day),
+            _dates("cash_settle_date", day + offset), pl.Series("pair", pair.astype(np.uint32)),
+            pl.Series("part", part)]
 
 
 def _net_cash_legs(c: pl.DataFrame, pair_of_sec: np.ndarray, n_pairs: int, n_parts: int) -> pl.DataFrame:
@@ -394,7 +413,7 @@ def _net_cash_legs(c: pl.DataFrame, pair_of_sec: np.ndarray, n_pairs: int, n_par
         net = (-pl.col("amount_fen") if side == "buy" else pl.col("amount_fen")) - fees_total
         cash_legs.append(
             c.select(
-                "trade_date", "cash_settle_date", "sec_idx", pl.col(f"{side}_part_idx").alias("part"),
+                "window", "trade_date", "cash_settle_date", "sec_idx", pl.col(f"{side}_part_idx").alias("part"),
                 net.alias("net_amount"),
                 (pl.col("amount_fen") if side == "buy" else zero).alias("buy_amount"),
                 (pl.col("amount_fen") if side == "sell" else zero).alias("sell_amount"),
@@ -412,14 +431,15 @@ def _net_cash_legs(c: pl.DataFrame, pair_of_sec: np.ndarray, n_pairs: int, n_par
 
 
 def _group_cash(legs: pl.DataFrame, n_pairs: int, n_parts: int, sums: pl.Expr) -> pl.DataFrame:
-    """`sums` per (trade_date, cash_settle_date, pair, part) of the cash legs, through one
-    packed int64 key where it fits (200,000 legs: one integer column hashed, not four);
-    the key columns are decoded from the few groups."""
-    cols = ["trade_date", "cash_settle_date", "pair", "part"]
+    """`sums` per (window, trade_date, cash_settle_date, pair, part) of the cash legs,
+    through one packed int64 key where it fits (200,000 legs: one integer column hashed,
+    not five); the key columns are decoded from the few groups."""
+    cols = ["window", "trade_date", "cash_settle_date", "pair", "part"]
     if not legs.height:
         return legs.group_by(cols).agg(sums)
-    days, day_min, radices = _cash_key_radices(legs["trade_date"], legs["cash_settle_date"], n_pairs, n_parts)
-    key = _packed(list(zip([*days, legs["pair"].to_numpy(), legs["part"].to_numpy()], radices, strict=True)))
+    fields, day_min, radices = _cash_key_radices(legs["window"], legs["trade_date"], legs["cash_settle_date"],
+                                                 n_pairs, n_parts)
+    key = _packed(list(zip([*fields, legs["pair"].to_numpy(), legs["part"].to_numpy()], radices, strict=True)))
     if key is None:
         return legs.group_by(cols).agg(sums)
     agg = legs.with_columns(pl.Series("k", key)).group_by("k").agg(sums)
@@ -476,6 +496,14 @@ def _settle_dates_series(name: str, days: np.ndarray) -> pl.Series:
     return out if bool((days >= 0).all()) else out.scatter(np.flatnonzero(days < 0), None)
 
 
+def _by_window(frame: pl.DataFrame, windows: int) -> list[pl.DataFrame]:
+    """Each window's rows of an _obligations frame (rows in window order), without the
+    `window` column: zero-copy slices."""
+    bounds = np.searchsorted(frame["window"].to_numpy(), np.arange(windows + 1)).tolist()
+    rest = pl.DataFrame(frame.get_columns()[1:])  # not drop(): a query, ~0.1 ms
+    return [rest.slice(lo, hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
 @dataclasses.dataclass(frozen=True)
 class Clear:
     name: str = "clearing"
@@ -508,6 +536,17 @@ class Clear:
             per_trade = _per_trade(ref, a.select(_INPUTS)).drop("seq")
         _require_settle_dates(a, per_trade)
         t = pl.concat([a, per_trade], how="horizontal").with_columns(pl.col(_SIGNED) * pl.col("sign").cast(pl.Int64))
-        by_idx, sec, cash = _obligations(t, ref)
-        return window.add(cleared=t, obligations_securities_idx=by_idx, obligations_securities_delta=sec,
-                          obligations_cash_delta=cash)
+        return window.add(cleared=t)
+
+    def finish(self, windows: Sequence[Window], ref: RefData) -> list[Window]:
+        """Netting: each window's obligations of its cleared trades, which no later stage
+        reads. Netted at once for the windows handed over together, a window's rows told
+        apart by the leading key field `window`: the fixed costs of its ~60 array and frame
+        operations paid once (10,000-row windows: 1.4 ms each alone, 0.8 ms each of ten at
+        once; off the processing thread for a replay's groups, measured)."""
+        heights = [w.frames["cleared"].height for w in windows]
+        c = pl.concat([w.frames["cleared"] for w in windows]).hstack(
+            [pl.Series("window", np.repeat(np.arange(len(windows), dtype=np.int32), heights))])
+        by_idx, sec, cash = (_by_window(f, len(windows)) for f in _obligations(c, ref))
+        return [w.add(obligations_securities_idx=b, obligations_securities_delta=s, obligations_cash_delta=m)
+                for w, b, s, m in zip(windows, by_idx, sec, cash, strict=True)]
