@@ -3,7 +3,8 @@ type and cycles and its trade date, and no regime appears twice, whether the win
 dates are dense (presence table) or far apart (sorted unique); the fee rates remembered
 per regime are the schedule's, and the memo stays bounded; cash netting is exact in int64
 and, where sums could leave int64, in int128, and refuses what decimal(18,2) cannot hold;
-netting by packed keys equals grouping on the columns."""
+netting by packed keys equals grouping on the columns; windows netted at once get what
+each gets alone."""
 
 from __future__ import annotations
 
@@ -221,18 +222,18 @@ _NETTED = ("obligations_securities_idx", "obligations_securities_delta", "obliga
 
 
 @settings(max_examples=30, deadline=None)
-@given(data=st.data(), path=st.sampled_from(["slots", "hashed", "columns"]))
+@given(data=st.data(), path=st.sampled_from(["dense", "hashed", "columns"]))
 def test_a_group_is_netted_as_each_window_alone(data, path):
     """Clear.finish nets the windows handed over together at once: each window gets exactly
     the frames it gets alone, whatever windows come with it (some empty of trades), on every
-    netting path (packed keys in slots or hash-grouped, key columns)."""
+    netting path (packed keys ranked densely or hash-grouped, key columns)."""
     lo = data.draw(st.integers(0, len(_PROCESSED) - 1))
     group = _PROCESSED[lo:data.draw(st.integers(lo + 1, min(len(_PROCESSED), lo + 8)))]
     empty = data.draw(st.booleans())
     if empty:  # a window whose rows were all quarantined clears nothing
         w = group[0]
         group = [dataclasses.replace(w, frames={**w.frames, "cleared": w.frames["cleared"].clear()}), *group[1:]]
-    patches = {"slots": {"DENSE_GROUPS_MIN": 1 << 40}, "hashed": {"DENSE_GROUPS_MIN": 0, "DENSE_GROUPS_PER_LEG": 0},
+    patches = {"dense": {"DENSE_GROUPS_MIN": 1 << 40}, "hashed": {"DENSE_GROUPS_MIN": 0, "DENSE_GROUPS_PER_LEG": 0},
                "columns": {"PACKED_KEY_MAX": 0}}[path]
     with mock.patch.multiple(clearing, **patches):
         together = clearing.Clear().finish(group, REF)

@@ -179,8 +179,8 @@ def _require_settle_dates(accepted: pl.DataFrame, per_trade: pl.DataFrame) -> No
 
 
 def _net_securities(c: pl.DataFrame, ref: RefData) -> pl.DataFrame:
-    """Securities obligations (_IDX_COLUMNS) grouped on (window, trade_date, sec_idx, part)
-    as columns: the path for keys too wide to pack (see _net_securities_packed)."""
+    """Securities obligations (window, _IDX_COLUMNS) grouped on (window, trade_date, sec_idx,
+    part) as columns: the path for keys too wide to pack (see _net_securities_packed)."""
     sq = pl.col("quantity") * pl.col("sign")
     zero = pl.lit(0, dtype=pl.Int64)
     legs = pl.concat(
@@ -204,12 +204,12 @@ def _net_securities(c: pl.DataFrame, ref: RefData) -> pl.DataFrame:
 
 
 def _net_securities_packed(c: pl.DataFrame, ref: RefData) -> pl.DataFrame | None:
-    """Securities obligations (_IDX_COLUMNS) through one int64 key per leg, packed from (window,
-    market rank, trade date, settlement offset, participant, security) in the output's sort order: one
-    integer group-by, one integer sort, and the fields decoded from the groups (100,000
-    trades: 17 ms CPU, against 3-column grouping and a 5-column sort). The settlement date
-    follows from trade date and security, so the groups are those of (trade_date, sec_idx,
-    part). None when the key would not fit."""
+    """Securities obligations (window, _IDX_COLUMNS) through one int64 key per leg, packed
+    from (window, market rank, trade date, settlement offset, participant, security) in the
+    output's sort order: one integer group-by, one integer sort, and the fields decoded
+    from the groups (100,000 trades: 17 ms CPU, against 3-column grouping and a 5-column
+    sort). The settlement date follows from trade date and security, so the groups are
+    those of (window, trade_date, sec_idx, part). None when the key would not fit."""
     if not c.height:
         return None
     sec_idx = c["sec_idx"].to_numpy().astype(np.int64)
@@ -323,11 +323,10 @@ def _obligations(c: pl.DataFrame, ref: RefData) -> tuple[pl.DataFrame, pl.DataFr
 def _cash_rows(agg: pl.DataFrame, ref: RefData) -> pl.DataFrame:
     """The obligations_cash rows (and their window), in (window, key) order, of cash sums
     per (window, trade_date, cash_settle_date, pair, part) in integer fen (int64; int128
-    from the leg path). Built
-    column by column, not by queries: a window has a few dozen such rows, and each eager
-    Polars query costs ~0.1 ms whatever its size (with the securities' rows built alike and
-    the decimal check on Series: clearing's process 7.4-8.1 -> 4.8-5.1 ms a 10,000-row
-    window, measured)."""
+    from the leg path). Built column by column, not by queries: a window has a few dozen
+    such rows, and each eager Polars query costs ~0.1 ms whatever its size (with the
+    securities' rows built alike and the decimal check on Series: clearing's process
+    7.4-8.1 -> 4.8-5.1 ms a 10,000-row window, measured)."""
     money.check_decimal18(agg, _MONEY_COLS, "obligations_cash")
     _, pairs = ref.cash_pairs
     market_rank, currency_rank = ref.cash_pair_ranks
@@ -354,7 +353,7 @@ def _cash_rows(agg: pl.DataFrame, ref: RefData) -> pl.DataFrame:
 
 def _net_cash_dense(c: pl.DataFrame, pair_of_sec: np.ndarray, n_pairs: int, n_parts: int) -> pl.DataFrame | None:
     """Cash obligations (window, trade_date, cash_settle_date, pair, part, money columns) in one
-    compiled pass over the trades, each leg added into the slot of its packed key (100,000
+    compiled pass over the trades, each leg added into its packed key's sums (100,000
     trades: 2 against ~10 ms through 200,000 leg rows and a hash group-by, measured); None
     where the keys are too many for slots or a sum could leave int64 (the leg path sums
     in int128)."""
@@ -499,7 +498,9 @@ def _settle_dates_series(name: str, days: np.ndarray) -> pl.Series:
 def _by_window(frame: pl.DataFrame, windows: int) -> list[pl.DataFrame]:
     """Each window's rows of an _obligations frame (rows in window order), without the
     `window` column: zero-copy slices."""
-    bounds = np.searchsorted(frame["window"].to_numpy(), np.arange(windows + 1)).tolist()
+    window = frame["window"].to_numpy()
+    assert bool((window[1:] >= window[:-1]).all()) and (not len(window) or 0 <= window[0] <= window[-1] < windows)
+    bounds = np.searchsorted(window, np.arange(windows + 1)).tolist()
     rest = pl.DataFrame(frame.get_columns()[1:])  # not drop(): a query, ~0.1 ms
     return [rest.slice(lo, hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
 
