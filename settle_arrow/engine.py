@@ -306,9 +306,11 @@ def _windows(sources: tuple[SourceFile, ...], done: dict[str, SourceOffset], win
 
 def prepare_rows_together(stages: tuple[Stage, ...], ref: RefData,
                           frames: list[pl.DataFrame]) -> list[dict[str, pl.DataFrame]]:
-    """Each stage's row-wise prepare (`prepare_rows`) run once over consecutive frames of
-    one schema, sliced back per frame: a query's fixed cost paid once for them all (ten
-    10,000-row windows' validation: 9.7 -> ~4 ms of CPU a window, measured). Nothing for
+    """Each stage's row-wise prepare (`prepare_rows`, given the row frames the stages
+    before it made) run once over consecutive frames of one schema, sliced back per frame:
+    a query's fixed cost paid once for them all (ten 10,000-row windows' validation: 9.7 ->
+    ~4 ms of CPU a window; clearing's per-trade columns 0.73-0.88 -> 0.43-0.53 ms,
+    measured). Nothing for
     one frame (its own prepare runs them), nor where the frames together fail: each
     frame's prepare then runs them itself and raises its error after the frames before it
     went on, as one at a time did."""
@@ -317,14 +319,17 @@ def prepare_rows_together(stages: tuple[Stage, ...], ref: RefData,
     together = pl.concat(frames, rechunk=True)  # one chunk a column (see _concat)
     starts = np.cumsum([0, *(f.height for f in frames)]).tolist()
     out: list[dict[str, pl.DataFrame]] = [{} for _ in frames]
+    rows: dict[str, pl.DataFrame] = {}  # made so far, of all of `together`
     for stage in stages:
         prepare_rows = getattr(stage, "prepare_rows", None)
         if prepare_rows is None:
             continue
         try:
-            made = prepare_rows(together, ref)
+            made = prepare_rows(together, ref, rows)
         except Exception:
             return [{} for _ in frames]
+        assert not set(made) & set(rows), f"{stage.name}: row frames already made"
+        rows.update(made)
         for name, f in made.items():
             assert f.height == together.height, f"{name}: prepare_rows gave other rows"
             for own, lo, hi in zip(out, starts[:-1], starts[1:], strict=True):

@@ -50,8 +50,11 @@ def test_windows_prepared_together_equal_windows_prepared_alone(whole, cuts):
     assert len(together) == len(frames)
     for f, rows in zip(frames, together, strict=True):
         # One frame prepares its own rows; several get slices of the rows made together.
-        assert set(rows) == (set() if len(frames) == 1 else {"validation_rows"})
+        assert set(rows) == (set() if len(frames) == 1 else {"validation_rows", "clearing_rows"})
         assert all(r.height == f.height for r in rows.values())
+        if rows:  # clearing's row frame holds the rows that passed validation's row checks alone
+            failed = rows["validation_rows"]["reason0"].is_not_null()
+            assert rows["clearing_rows"]["amount_fen"].is_null().equals(failed)
         alone, batched = _prepared(ref, f), _prepared(ref, f, rows)
         for name in PREPARED:
             assert batched.frames[name].equals(alone.frames[name]), name
@@ -62,9 +65,9 @@ def _count_batches(monkeypatch) -> list[pl.DataFrame]:
     given_frames: list[pl.DataFrame] = []
     prepare_rows = validate.Validate.prepare_rows
 
-    def counted(self, frame, ref):
+    def counted(self, frame, ref, rows=None):
         given_frames.append(frame)
-        return prepare_rows(self, frame, ref)
+        return prepare_rows(self, frame, ref, rows)
 
     monkeypatch.setattr(validate.Validate, "prepare_rows", counted)
     return given_frames

@@ -8,8 +8,9 @@ Data model:
            `prepare(window, refdata) -> window`: the part of its work that reads no state
            (types, reference lookups); the engine runs it one window ahead in its reader
            thread. `process` must give the same result when `prepare` did not run. And
-           `prepare_rows(frame, refdata) -> {name: frame}`: the part of `prepare` that
-           depends on each row alone, row-aligned with `frame`; the engine may run it over
+           `prepare_rows(frame, refdata, rows) -> {name: frame}`: the part of `prepare`
+           that depends on each row alone, row-aligned with `frame` (`rows`: the frames
+           earlier stages' prepare_rows made of the same rows); the engine may run it over
            several windows' inputs at once and give each window its slices, which its
            `prepare` must use as it would its own (and make them itself when absent).
            And `finish(windows, refdata) -> windows`: the part of its work that reads no

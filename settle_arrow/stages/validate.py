@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping
 
 import numpy as np
 import polars as pl
@@ -159,9 +160,11 @@ def _row_checks(raw: pl.DataFrame, ref: RefData) -> pl.DataFrame:
 class Validate:
     name: str = "validate"
 
-    def prepare_rows(self, frame: pl.DataFrame, ref: RefData) -> dict[str, pl.DataFrame]:
+    def prepare_rows(self, frame: pl.DataFrame, ref: RefData,
+                     rows: Mapping[str, pl.DataFrame] | None = None) -> dict[str, pl.DataFrame]:
         """What depends on each row alone: frames row-aligned with `frame`, which may hold
-        several windows' inputs at once (the engine then slices them per window)."""
+        several windows' inputs at once (the engine then slices them per window); the
+        first stage, it reads no other stage's `rows`."""
         return {"validation_rows": _row_checks(frame, ref)}
 
     def prepare(self, window: Window, ref: RefData) -> Window:
