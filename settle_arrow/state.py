@@ -47,6 +47,11 @@ TRADE_ID_BITS = 46
 DAY_BITS = 16
 MARKET_CODES = schema.MARKET_CODES
 assert len(MARKET_CODES) <= 1 << (64 - DAY_BITS - TRADE_ID_BITS), "market codes must fit their bits"
+# Up to this many keys sort_keys and argsort_keys sort with NumPy, not Polars: a Polars
+# call costs ~50 µs alone and, inside a replay, waits for the GIL it released while the
+# other pipeline threads run Python (registration's probe of its few dozen reported keys:
+# 1.1 ms of wall a 10,000-row window, measured), where NumPy sorts them in microseconds.
+SORT_NUMPY_KEYS_MAX = 4096
 # A large run (SAMPLED_RUN_ROWS_MIN keys or more) holding SAMPLED_RUN_PROBE_RATIO keys per
 # probe is searched through a sample of every SAMPLE_STRIDE-th key (kernels.find_in_run):
 # sparse probes then search the sample, which stays in cache between windows, and miss
@@ -142,15 +147,21 @@ def split_holding_keys(keys: np.ndarray, n_sec: int) -> tuple[np.ndarray, np.nda
 
 
 def sort_keys(keys: np.ndarray) -> np.ndarray:
-    """A sorted copy of integer `keys` (read-only). Polars' sort, not numpy's: this
-    machine's numpy sorts int64 3-4x slower (measured, 200 k keys 8.7 -> 2.6 ms, 10 M keys
-    0.69 -> 0.17 s, one thread)."""
+    """A sorted copy of integer `keys` (read-only). Polars' sort, not numpy's, for many
+    keys: numpy sorted int64 3-4x slower on a machine without AVX-512 (measured, 200 k keys
+    8.7 -> 2.6 ms, 10 M keys 0.69 -> 0.17 s, one thread; with AVX-512 numpy's is the faster,
+    2x); NumPy's for a few (see SORT_NUMPY_KEYS_MAX)."""
+    if len(keys) <= SORT_NUMPY_KEYS_MAX:
+        return np.sort(keys)
     return pl.Series(keys).sort(multithreaded=False).to_numpy()
 
 
 def argsort_keys(keys: np.ndarray) -> np.ndarray:
     """An order that sorts integer `keys`, for keys that are unique or whose order among
-    equals does not matter (Polars: 200 k keys 12.9 -> 5.8 ms against np.argsort, measured)."""
+    equals does not matter (Polars: 200 k keys 12.9 -> 5.8 ms against np.argsort on a
+    machine without AVX-512, measured); NumPy's for a few (see SORT_NUMPY_KEYS_MAX)."""
+    if len(keys) <= SORT_NUMPY_KEYS_MAX:
+        return np.argsort(keys)
     return pl.Series(keys).arg_sort().to_numpy()
 
 
