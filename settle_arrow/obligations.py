@@ -56,7 +56,9 @@ class SinceFold:
 
     def commit(self, by_idx: list[pl.DataFrame]) -> None:
         """Add the rows of windows that have just committed (and of their staged pieces)."""
-        added = self._staged + [self._encoded(f) for f in by_idx]
+        # The windows' rows encoded at once: each Polars call on the commit lane waits for
+        # the GIL the other threads hold (ten windows: 4.4 ms of wall, one encoding a window).
+        added = self._staged + ([self._encoded(pl.concat(by_idx))] if by_idx else [])
         self._staged = []
         self._frames += [f for f in added if f.height]
         self._rows += sum(f.height for f in added)
@@ -82,5 +84,5 @@ class SinceFold:
             by_idx["securities_settle_date"],
             pl.Series("part_id", self._participant_ids[by_idx["part_idx"].to_numpy()], dtype=pl.Int32),
             pl.Series("sec_id", self._security_ids[by_idx["sec_idx"].to_numpy()], dtype=pl.Int32),
-            *by_idx.select(QUANTITIES).get_columns(),
+            *(by_idx[c] for c in QUANTITIES),  # not select(): a query
         ])
