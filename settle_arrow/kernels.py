@@ -361,25 +361,23 @@ def _net_quantities(buy_group, sell_group, quantity, out):  # noqa: ANN001, ANN2
         b = buy_group[i]
         out[0, b] += q
         out[1, b] += q
-        out[3, b] += 1
         s = sell_group[i]
         out[0, s] -= q
         out[2, s] += q
-        out[3, s] += 1
 
 
 def net_quantities(buy_group: np.ndarray, sell_group: np.ndarray, quantity: np.ndarray,
                    groups: int) -> np.ndarray:
     """Securities netting of trades whose legs fall in dense groups 0..groups-1: out[:, g] =
-    (net, bought, sold, legs) over the buy legs (+quantity, bought) and sell legs (-quantity,
-    sold) in group g. As numpy: np.add.at of each leg's contribution, one call per column
+    (net, bought, sold) over the buy legs (+quantity, bought) and sell legs (-quantity, sold)
+    in group g (the groups in use come from dense_ranks, so no leg count marks them). As numpy: np.add.at of each leg's contribution, one call per column
     (the engine's alternative, a hash group-by of the 2n legs, cost 9.7 ms at 100,000
     trades, measured). int64 sums wrap as numpy's do; callers bound them."""
     assert buy_group.dtype == sell_group.dtype == quantity.dtype == np.int64
     assert len(buy_group) == len(sell_group) == len(quantity)
     assert not len(quantity) or (0 <= min(buy_group.min(), sell_group.min())
                                  and max(buy_group.max(), sell_group.max()) < groups), "group out of range"
-    out = np.zeros((4, groups), dtype=np.int64)
+    out = np.zeros((3, groups), dtype=np.int64)
     if len(quantity):
         _net_quantities(buy_group, sell_group, quantity, out)
     return out
@@ -387,7 +385,7 @@ def net_quantities(buy_group: np.ndarray, sell_group: np.ndarray, quantity: np.n
 
 @numba.njit(cache=True, nogil=True)
 def _net_cash(buy_group, sell_group, amount, buy_fees, sell_fees, out):  # noqa: ANN001, ANN202
-    fees = out.shape[0] - 4
+    fees = out.shape[0] - 3
     for i in range(amount.shape[0]):
         a = amount[i]
         b = buy_group[i]
@@ -401,16 +399,14 @@ def _net_cash(buy_group, sell_group, amount, buy_fees, sell_fees, out):  # noqa:
             got += sell_fees[f, i]
         out[0, b] += -a - paid
         out[1, b] += a
-        out[3 + fees, b] += 1
         out[0, s] += a - got
         out[2, s] += a
-        out[3 + fees, s] += 1
 
 
 def net_cash(buy_group: np.ndarray, sell_group: np.ndarray, amount: np.ndarray, buy_fees: np.ndarray,
              sell_fees: np.ndarray, groups: int) -> np.ndarray:
     """Cash netting of trades whose legs fall in dense groups 0..groups-1: out[:, g] = (net,
-    bought, sold, each fee column, legs) over the buy legs (net -amount - their fees, bought
+    bought, sold, each fee column) over the buy legs (net -amount - their fees, bought
     amount) and the sell legs (net amount - their fees, sold amount) in group g, fees[f, i]
     the f-th fee of trade i on that side. As numpy: np.add.at of each leg's contribution,
     one call per column. int64 sums wrap: callers bound |amount| + its fees times the legs
@@ -420,7 +416,7 @@ def net_cash(buy_group: np.ndarray, sell_group: np.ndarray, amount: np.ndarray, 
     assert buy_fees.shape[0] == sell_fees.shape[0]
     assert not len(amount) or (0 <= min(buy_group.min(), sell_group.min())
                                and max(buy_group.max(), sell_group.max()) < groups), "group out of range"
-    out = np.zeros((4 + buy_fees.shape[0], groups), dtype=np.int64)
+    out = np.zeros((3 + buy_fees.shape[0], groups), dtype=np.int64)
     if len(amount):
         _net_cash(buy_group, sell_group, amount, buy_fees, sell_fees, out)
     return out

@@ -147,10 +147,11 @@ def split_holding_keys(keys: np.ndarray, n_sec: int) -> tuple[np.ndarray, np.nda
 
 
 def sort_keys(keys: np.ndarray) -> np.ndarray:
-    """A sorted copy of integer `keys` (read-only). Polars' sort, not numpy's, for many
-    keys: numpy sorted int64 3-4x slower on a machine without AVX-512 (measured, 200 k keys
-    8.7 -> 2.6 ms, 10 M keys 0.69 -> 0.17 s, one thread; with AVX-512 numpy's is the faster,
-    2x); NumPy's for a few (see SORT_NUMPY_KEYS_MAX)."""
+    """A sorted copy of integer `keys` (callers never write it: Polars' is read-only).
+    Polars' sort, not numpy's, for many keys: numpy sorted int64 3-4x slower on a machine
+    without AVX-512 (measured, 200 k keys 8.7 -> 2.6 ms, 10 M keys 0.69 -> 0.17 s, one
+    thread; with AVX-512 numpy's is the faster, 2x); NumPy's for a few (see
+    SORT_NUMPY_KEYS_MAX)."""
     if len(keys) <= SORT_NUMPY_KEYS_MAX:
         return np.sort(keys)
     return pl.Series(keys).sort(multithreaded=False).to_numpy()

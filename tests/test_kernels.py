@@ -207,35 +207,33 @@ legs = st.integers(0, 40).flatmap(lambda n: st.tuples(
 @settings(max_examples=200, deadline=None)
 @given(legs=legs)
 def test_net_quantities_is_add_at(legs):
-    """Each buy leg adds (q, q, 0, 1) to its group, each sell leg (-q, 0, q, 1) to its own."""
+    """Each buy leg adds (q, q, 0) to its group, each sell leg (-q, 0, q) to its own."""
     groups, q, buy, sell, _ = legs
     buy, sell, q = (np.array([g % groups for g in buy], dtype=np.int64), np.array([g % groups for g in sell], dtype=np.int64),
                     np.array(q, dtype=np.int64))
-    want = np.zeros((4, groups), dtype=np.int64)
+    want = np.zeros((3, groups), dtype=np.int64)
     for group, values in ((buy, (q, q, 0 * q)), (sell, (-q, 0 * q, q))):
         for c, v in enumerate(values):
             np.add.at(want[c], group, v)
-        np.add.at(want[3], group, 1)
     assert np.array_equal(net_quantities(buy, sell, q, groups), want)
 
 
 @settings(max_examples=200, deadline=None)
 @given(legs=legs)
 def test_net_cash_is_add_at(legs):
-    """Each buy leg adds (-amount - its fees, amount, 0, its fees, 1) to its group, each sell
-    leg (amount - its fees, 0, amount, its fees, 1) to its own."""
+    """Each buy leg adds (-amount - its fees, amount, 0, its fees) to its group, each sell
+    leg (amount - its fees, 0, amount, its fees) to its own."""
     groups, amount, buy, sell, fee_lists = legs
     buy, sell = (np.array([g % groups for g in side], dtype=np.int64) for side in (buy, sell))
     a = np.array(amount, dtype=np.int64)
     # Two fee columns per side, different on each side.
     fees = {"buy": np.array([fee_lists[0], fee_lists[1]], dtype=np.int64).reshape(2, len(a)),
             "sell": np.array([fee_lists[1], fee_lists[0]], dtype=np.int64).reshape(2, len(a)) * 3}
-    want = np.zeros((6, groups), dtype=np.int64)
+    want = np.zeros((5, groups), dtype=np.int64)
     for group, side, net, bought, sold in ((buy, "buy", -a - fees["buy"].sum(axis=0), a, 0 * a),
                                           (sell, "sell", a - fees["sell"].sum(axis=0), 0 * a, a)):
         for c, v in enumerate((net, bought, sold, *fees[side])):
             np.add.at(want[c], group, v)
-        np.add.at(want[5], group, 1)
     assert np.array_equal(net_cash(buy, sell, a, fees["buy"], fees["sell"], groups), want)
 
 
