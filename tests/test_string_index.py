@@ -1,4 +1,8 @@
-"""StringIndex: exact string -> id lookups (hash table + string comparison)."""
+"""Reference lookups: StringIndex, exact string -> id (hash table + string comparison, or
+an Enum cast for a small domain), and RefData.sec_idx, (market, security_id) -> sec_idx."""
+
+import dataclasses
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -6,8 +10,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from settle_arrow import refdata
-from settle_arrow.refdata import StringIndex
+from settle_arrow import refdata, schema
+from settle_arrow.refdata import StringIndex, load_refdata
+from settle_arrow.state import market_codes
+
+SAMPLE_REFDATA = Path(__file__).resolve().parents[1] / "data" / "samples" / "refdata"
 
 
 @pytest.mark.parametrize("small_max", [0, 4096], ids=["hash-table", "small-domain"])
@@ -37,3 +44,25 @@ def test_million_keys_roundtrip():
     idx = StringIndex(vals)
     assert (idx.lookup(vals) == np.arange(len(vals))).all()
     assert (idx.lookup(pl.Series(["A", "A0000000001", "B000000001"])) == -1).all()
+
+
+security_ids = st.sampled_from(["600000", "600001", "000001", "000002", ""])
+markets = st.sampled_from([*schema.MARKETS, "XNAS"])
+
+
+@given(listed=st.lists(st.tuples(st.sampled_from(schema.MARKETS), security_ids), unique=True, max_size=8),
+       probes=st.lists(st.tuples(st.none() | markets, st.none() | security_ids), max_size=30),
+       codes_given=st.booleans())
+def test_sec_idx_matches_a_dict(listed, probes, codes_given):
+    """The same id listed in both markets, or in one, an unknown market, nulls: sec_idx is
+    the listed row's, null where (market, security_id) is not listed."""
+    ref = load_refdata(str(SAMPLE_REFDATA))
+    securities = pl.DataFrame({"market": [m for m, _ in listed], "security_id": [i for _, i in listed]},
+                              schema={"market": pl.String, "security_id": pl.String})
+    ref = dataclasses.replace(ref, securities=securities.with_row_index("sec_idx").with_columns(pl.col("sec_idx").cast(pl.Int32)))
+    keys = pl.DataFrame({"market": [m for m, _ in probes], "security_id": [i for _, i in probes]},
+                        schema={"market": pl.String, "security_id": pl.String})
+    want = {key: i for i, key in enumerate(listed)}
+    got = ref.sec_idx(keys, market_codes(keys["market"]) if codes_given else None)
+    assert got.dtype == pl.Int32
+    assert got.to_list() == [want.get(p) for p in probes]

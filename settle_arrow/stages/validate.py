@@ -120,7 +120,7 @@ def _row_checks(raw: pl.DataFrame, ref: RefData) -> pl.DataFrame:
     packable &= key_ok
     flags = pl.DataFrame(
         {
-            "sec_idx": ref.sec_idx(typed),
+            "sec_idx": ref.sec_idx(typed, code),
             "buy_unit_idx": units[:n], "sell_unit_idx": units[n:],
             "buy_acct_idx": accts[:n], "sell_acct_idx": accts[n:],
             "business": _business_day(ref, code, typed["trade_date"]),
