@@ -499,14 +499,16 @@ def test_dropped_connection_at_chosen_points(market, reference, harness, pg_back
 def test_dropped_connection_at_random_moments(market, reference, harness, pg_backend, tmp_path):
     backend, db = pg_backend, pg_backend.new(tmp_path)
     total = sum(_rows(f) for f in _files(market))
-    # Small windows: four drops, each after at most 5 commits and 50 ms, must land mid-run
-    # however fast windows commit (600-row windows once let a faster engine finish first).
+    # Small windows, each its own commit: four drops, each after at most 5 commits and 50
+    # ms, must land mid-run however fast windows commit (600-row windows once let a faster
+    # engine finish first, and group commits of up to 16 windows left a later run too few
+    # commits to be dropped in).
     cmd = _replay_cmd(harness, market, db, 150)
     rng = random.Random(SEED + 3)
     dropped = 0
     for _ in range(4):
         p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             env=dict(os.environ, SA_TRAP=":0", SA_ANNOUNCE="1"))
+                             env=dict(os.environ, SA_TRAP=":0", SA_ANNOUNCE="1", SA_GROUP_WINDOWS_MAX="1"))
         assert p.stderr is not None
         for _ in range(rng.randint(1, 5)):
             if p.stderr.readline().strip() != b"COMMITTED":
