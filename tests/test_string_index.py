@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from settle_arrow import refdata, schema
 from settle_arrow.refdata import StringIndex, load_refdata
 from settle_arrow.state import market_codes
 
-SAMPLE_REFDATA = Path(__file__).resolve().parents[1] / "data" / "samples" / "refdata"
+SAMPLE_REF = load_refdata(str(Path(__file__).resolve().parents[1] / "data" / "samples" / "refdata"))
 
 
 @pytest.mark.parametrize("small_max", [0, 4096], ids=["hash-table", "small-domain"])
@@ -50,16 +50,16 @@ security_ids = st.sampled_from(["600000", "600001", "000001", "000002", ""])
 markets = st.sampled_from([*schema.MARKETS, "XNAS"])
 
 
+@settings(deadline=None)  # the first example also builds the reference side (sec_idx's Enum and table)
 @given(listed=st.lists(st.tuples(st.sampled_from(schema.MARKETS), security_ids), unique=True, max_size=8),
        probes=st.lists(st.tuples(st.none() | markets, st.none() | security_ids), max_size=30),
        codes_given=st.booleans())
 def test_sec_idx_matches_a_dict(listed, probes, codes_given):
     """The same id listed in both markets, or in one, an unknown market, nulls: sec_idx is
     the listed row's, null where (market, security_id) is not listed."""
-    ref = load_refdata(str(SAMPLE_REFDATA))
     securities = pl.DataFrame({"market": [m for m, _ in listed], "security_id": [i for _, i in listed]},
                               schema={"market": pl.String, "security_id": pl.String})
-    ref = dataclasses.replace(ref, securities=securities.with_row_index("sec_idx").with_columns(pl.col("sec_idx").cast(pl.Int32)))
+    ref = dataclasses.replace(SAMPLE_REF, securities=securities.with_row_index("sec_idx").with_columns(pl.col("sec_idx").cast(pl.Int32)))
     keys = pl.DataFrame({"market": [m for m, _ in probes], "security_id": [i for _, i in probes]},
                         schema={"market": pl.String, "security_id": pl.String})
     want = {key: i for i, key in enumerate(listed)}
