@@ -47,11 +47,14 @@ TRADE_ID_BITS = 46
 DAY_BITS = 16
 MARKET_CODES = schema.MARKET_CODES
 assert len(MARKET_CODES) <= 1 << (64 - DAY_BITS - TRADE_ID_BITS), "market codes must fit their bits"
-# Up to this many keys sort_keys and argsort_keys sort with NumPy, not Polars: a Polars
-# call costs ~50 µs alone and, inside a replay, waits for the GIL it released while the
+# Up to this many keys argsort_keys orders them with NumPy, above with Polars: a Polars
+# call costs ~0.4 ms alone and, inside a replay, waits for the GIL it released while the
 # other pipeline threads run Python (registration's probe of its few dozen reported keys:
-# 1.1 ms of wall a 10,000-row window, measured), where NumPy sorts them in microseconds.
-SORT_NUMPY_KEYS_MAX = 4096
+# 1.1 ms of wall a 10,000-row window, measured), where NumPy's argsort of 10,000 keys takes
+# 0.35 ms. Above ~30,000 keys Polars' parallel arg_sort is the faster on a machine without
+# AVX-512 (AVX2, NumPy 2.4: 100 k keys 4.7 against 3.4 ms, 2 M 125 against 72 ms), NumPy's
+# with it (200 k: 3.3 against 6.9 ms), measured.
+ARGSORT_NUMPY_KEYS_MAX = 32_768
 # A large run (SAMPLED_RUN_ROWS_MIN keys or more) holding SAMPLED_RUN_PROBE_RATIO keys per
 # probe is searched through a sample of every SAMPLE_STRIDE-th key (kernels.find_in_run):
 # sparse probes then search the sample, which stays in cache between windows, and miss
@@ -147,37 +150,40 @@ def split_holding_keys(keys: np.ndarray, n_sec: int) -> tuple[np.ndarray, np.nda
 
 
 def sort_keys(keys: np.ndarray) -> np.ndarray:
-    """A sorted copy of integer `keys` (callers never write it: Polars' is read-only).
-    Polars' sort, not numpy's, for many keys: numpy sorted int64 3-4x slower on a machine
-    without AVX-512 (measured, 200 k keys 8.7 -> 2.6 ms, 10 M keys 0.69 -> 0.17 s, one
-    thread; with AVX-512 numpy's is the faster, 2x); NumPy's for a few (see
-    SORT_NUMPY_KEYS_MAX)."""
-    if len(keys) <= SORT_NUMPY_KEYS_MAX:
-        return np.sort(keys)
-    return pl.Series(keys).sort(multithreaded=False).to_numpy()
+    """A sorted copy of integer `keys`. NumPy's sort at every size: NumPy 2.4's SIMD sort
+    is faster than Polars' with AVX2 alone (measured, NumPy 2.4, int64: 100 k keys
+    1.5 against 2.3 ms, 10 M 0.17 against 0.21 s) and 2x faster with AVX-512."""
+    return np.sort(keys)
 
 
 def argsort_keys(keys: np.ndarray) -> np.ndarray:
     """An order that sorts integer `keys`, for keys that are unique or whose order among
-    equals does not matter (Polars: 200 k keys 12.9 -> 5.8 ms against np.argsort on a
-    machine without AVX-512, measured); NumPy's for a few (see SORT_NUMPY_KEYS_MAX)."""
-    if len(keys) <= SORT_NUMPY_KEYS_MAX:
+    equals does not matter (see ARGSORT_NUMPY_KEYS_MAX)."""
+    if len(keys) <= ARGSORT_NUMPY_KEYS_MAX:
         return np.argsort(keys)
     return pl.Series(keys).arg_sort().to_numpy()
 
 
-def stable_sort(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(order, keys[order]) for int64 keys, stable: equal keys keep their input order. Where
-    the keys are non-negative and leave room, each carries its position in its low bits and
-    one unstable sort of those composites does the work (200 k leg keys: 16 -> 4 ms against
-    argsort(kind="stable") with numpy's sort, less with sort_keys); wider keys take the
-    stable argsort."""
+def stable_sort(keys: np.ndarray, consume: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(order, keys[order]) for integer keys, stable: equal keys keep their input order.
+    Where the keys are non-negative and leave room, each carries its position in its low
+    bits and one unstable sort of those composites does the work (200 k leg keys: 16 -> 4 ms
+    against argsort(kind="stable"); 10 M opening keys with their quantities gathered: 0.41
+    against 0.58 s for Polars' sort of both, measured), in place on one copy of the keys:
+    every fresh array is a page fault per 4 KB (~80 MB at 10 M keys); wider keys take the
+    stable argsort. `consume`: the caller gives up `keys`, which, if writable int64, are
+    sorted in place instead of a copy."""
     n = len(keys)
     bits = max(1, n.bit_length())
     if n and int(keys.min()) >= 0 and int(keys.max()) < (1 << (63 - bits)):
-        packed = (keys.astype(np.int64) << bits) | np.arange(n, dtype=np.int64)
-        packed = sort_keys(packed)
-        return packed & ((1 << bits) - 1), packed >> bits
+        packed = keys.astype(np.int64, copy=not (consume and keys.flags.writeable))
+        packed <<= bits
+        order = np.arange(n, dtype=np.int64)
+        packed |= order
+        packed.sort()
+        np.bitwise_and(packed, (1 << bits) - 1, out=order)  # the positions' buffer reused
+        packed >>= bits
+        return order, packed
     order = np.argsort(keys, kind="stable")
     return order, keys[order]
 

@@ -93,14 +93,19 @@ def test_trade_keys_are_day_major_and_distinct():
 @settings(max_examples=200, deadline=None)
 @given(keys=st.lists(st.one_of(st.integers(0, 40), st.integers(0, (1 << 63) - 1), st.integers(-(1 << 63), -1)),
                      max_size=300),
-       narrow=st.booleans())
-def test_stable_sort_equals_a_stable_argsort(keys, narrow):
+       narrow=st.booleans(), consume=st.booleans(), writable=st.booleans())
+def test_stable_sort_equals_a_stable_argsort(keys, narrow, consume, writable):
     """Narrow non-negative keys go through the packed sort, wide or negative ones through the
-    stable argsort; either way the order equals a stable argsort's, ties in input order."""
+    stable argsort; either way the order equals a stable argsort's, ties in input order, and
+    the caller's keys are untouched unless it gave up writable ones."""
     a = np.array([k % 41 for k in keys] if narrow else keys, dtype=np.int64)
-    order, ordered = stable_sort(a)
+    given_keys = a.copy()
+    given_keys.flags.writeable = writable
+    order, ordered = stable_sort(given_keys, consume=consume)
     assert np.array_equal(order, np.argsort(a, kind="stable"))
     assert np.array_equal(ordered, a[order])
+    if not (consume and writable):
+        assert np.array_equal(given_keys, a)
 
 
 @given(markets=st.lists(st.one_of(st.none(), st.sampled_from(["XSHG", "XSHE", "xshg", "XNYS", "", "XSHG "])),
