@@ -59,9 +59,13 @@ def _to_ref(inverse: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     """database ids -> reference row indices (-1 for keys the reference data no longer has),
     as a function: recovery maps batch after batch, and checks the mapping's shape once."""
     n = len(inverse)
-    if n and inverse[-1] == n - 1 and (inverse == np.arange(n)).all():
-        # Ids in reference order (the usual case): the id is the index, no gather of millions.
-        return lambda ids: np.where(ids < n, ids, -1)
+    if not n:  # the reference data defines none: every stored id is unknown
+        return lambda ids: np.full(len(ids), -1, dtype=np.int64)
+    if inverse[-1] == n - 1 and (inverse == np.arange(n)).all():
+        # Ids in reference order (the usual case): the id is the index, no gather of
+        # millions, and where every id is known the ids themselves (ids are >= 0): no
+        # fresh array (see _holdings).
+        return lambda ids: ids if not len(ids) or int(ids.max()) < n else np.where(ids < n, ids, -1)
 
     def gather(ids: np.ndarray) -> np.ndarray:
         inside = ids < n
@@ -215,10 +219,17 @@ def _holdings(storage: Storage, n_sec: int, account_of: Callable, sec_of: Callab
     def positions(h: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         acct = account_of(h["acct_id"].to_numpy())
         sec = sec_of(h["sec_id"].to_numpy())
+        quantity = h["quantity"].to_numpy()
         unknown = (acct < 0) | (sec < 0)
-        _require_known(storage, h.filter(pl.Series(unknown) & (h["quantity"] != 0)))
-        known = ~unknown
-        return holding_keys(acct[known], sec[known], n_sec), h["quantity"].to_numpy()[known]
+        if unknown.any():
+            _require_known(storage, h.filter(pl.Series(unknown) & (h["quantity"] != 0)))
+            known = ~unknown
+            acct, sec, quantity = acct[known], sec[known], quantity[known]
+        # Where all are known (the usual case) no masks, gathers or filter, and with the ids
+        # in reference order (_to_ref) no fresh arrays but the keys: a restart with 10 M
+        # holdings and 2.5 M trades up to its first window 3.67 -> 3.44 s, CPU 5.74 -> 5.33 s
+        # (five alternating pairs).
+        return holding_keys(acct, sec, n_sec), quantity
 
     # No ORDER BY: a hash table takes keys in any order. The legs are summed by DuckDB
     # through a handle of their own while the base goes into the table (restart with 10 M

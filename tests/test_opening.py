@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
@@ -27,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from market import T1, trade, write_refdata, write_trades
 
-from settle_arrow import engine, open_target, replay, schema
+from settle_arrow import engine, open_target, recovery, replay, schema
 from settle_arrow import refdata as refdata_module
 from settle_arrow.refdata import RefDataError, load_refdata
 
@@ -393,6 +394,17 @@ def test_restart_refused_when_a_held_key_left_the_reference_data(started, droppe
     with pytest.raises(RefDataError, match="no longer defines that account or security"):
         replay([str(t1), str(t2)], str(ref), db, window_rows=1)
     assert holdings(db) == AFTER_FIRST
+
+
+@given(data=st.data(), n=st.integers(0, 12), shuffled=st.booleans())
+def test_recovery_maps_stored_ids_to_reference_rows(data, n, shuffled):
+    """Recovery's id map (database id -> reference row, -1 for an id past the reference
+    data): the same answers whether the ids follow reference order (no gather; the ids
+    themselves when all are known) or not."""
+    inverse = np.array(data.draw(st.permutations(range(n))) if shuffled else range(n), dtype=np.int64)
+    ids = np.array(data.draw(st.lists(st.integers(0, 2 * n + 1), max_size=20)), dtype=np.int32)
+    got = recovery._to_ref(inverse)(ids)
+    assert got.tolist() == [int(inverse[i]) if i < n else -1 for i in ids.tolist()]
 
 
 @pytest.mark.parametrize("file_order", ["by security", "by account"])
