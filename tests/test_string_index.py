@@ -18,6 +18,7 @@ SAMPLE_REF = load_refdata(str(Path(__file__).resolve().parents[1] / "data" / "sa
 
 
 @pytest.mark.parametrize("small_max", [0, 4096], ids=["hash-table", "small-domain"])
+@settings(deadline=None)  # the first example loads the probe kernel (numba's cache): ~0.4 s
 @given(ref=st.lists(st.text(max_size=6), unique=True, max_size=60), probes=st.lists(st.text(max_size=6), max_size=60))
 def test_lookup_matches_a_dict(small_max, ref, probes):
     idx = StringIndex(pl.Series(ref, dtype=pl.String), small_max=small_max)
@@ -27,6 +28,7 @@ def test_lookup_matches_a_dict(small_max, ref, probes):
 
 
 @pytest.mark.parametrize("chunk_keys", [1, 7, 1_000_000])
+@settings(deadline=None)  # as above
 @given(ref=st.lists(st.text(max_size=4), unique=True, min_size=1, max_size=40),
        probes=st.lists(st.text(max_size=4), max_size=80))
 def test_lookup_in_chunks_matches_one_pass(chunk_keys, ref, probes):
