@@ -57,6 +57,7 @@ from settle_arrow.io.files import SourceError, SourceFile, discover, read_frames
 from settle_arrow.io.parse import ColumnTypeError, coerce, to_text
 from settle_arrow.kernel_loader import load_in_background
 from settle_arrow.obligations import SinceFold
+from settle_arrow.pages import small_pages
 from settle_arrow.pipeline import CommitLane, prefetch
 from settle_arrow.recovery import recover
 from settle_arrow.refdata import RefData, RefDataError, load_refdata
@@ -933,10 +934,12 @@ def replay(
     # the GIL): 87 MB of trades take ~40 ms alone, 1.6 GB (100 M trades) 1.1 s of CPU.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="settle-hash") as pool:
         hashed = pool.submit(with_sha256, sources)
-        ref = load_refdata(refdata)
-        storage = open_storage(target)
+        with small_pages():  # start-up's large transient arrays (see pages.py)
+            ref = load_refdata(refdata)
+            storage = open_storage(target)
         try:
-            engine = Engine(storage, ref)
+            with small_pages():
+                engine = Engine(storage, ref)
             sources = hashed.result()
             if on_start:
                 on_start(sources)
