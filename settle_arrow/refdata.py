@@ -32,7 +32,7 @@ from settle_arrow import schema
 from settle_arrow.errors import UserError
 from settle_arrow.io.files import SourceError, file_sha256, read_frame
 from settle_arrow.io.parse import ColumnTypeError, coerce
-from settle_arrow.state import MARKET_CODES, holding_keys, market_codes, sort_keys, stable_sort
+from settle_arrow.state import MARKET_CODES, holding_keys, market_codes, sort_keys, split_holding_keys, stable_sort
 
 RATE_SCALE = 10**8
 SMALL_DOMAIN_MAX = 4096  # StringIndex: up to this many values, look up by a cast to an Enum of them
@@ -436,9 +436,7 @@ def _load_opening(ref: RefData) -> pl.DataFrame:
         security = ref.securities.row(sec, named=True)
         raise RefDataError(f"holdings: duplicate key {ref.account_index.values(np.array([acct]))[0]}/"
                            f"{security['market']}/{security['security_id']}")
-    # split_holding_keys in place: no fresh 80 MB arrays beside the Int32 column.
-    sec_idx = np.remainder(sorted_key, ref.n_sec, out=np.empty(len(sorted_key), dtype=np.int32), casting="unsafe")
-    acct_idx = np.floor_divide(sorted_key, ref.n_sec, out=sorted_key)
+    acct_idx, sec_idx = split_holding_keys(sorted_key, ref.n_sec, consume=True)
     return pl.DataFrame(
         {"acct_idx": acct_idx, "sec_idx": sec_idx, "quantity": quantity},
         schema={"acct_idx": pl.Int64, "sec_idx": pl.Int32, "quantity": pl.Int64},

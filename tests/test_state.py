@@ -108,6 +108,22 @@ def test_stable_sort_equals_a_stable_argsort(keys, narrow, consume, writable):
         assert np.array_equal(given_keys, a)
 
 
+@given(pairs=st.lists(st.tuples(st.integers(0, 1_000_000), st.integers(0, 1999)), max_size=50),
+       n_sec=st.sampled_from([2000, 2001]), narrow=st.booleans(), consume=st.booleans())
+def test_split_holding_keys_inverts_holding_keys(pairs, n_sec, narrow, consume):
+    """Any key type, given up or not: the (account, security) the key was made of; keys the
+    caller keeps are left as they were."""
+    acct = np.array([a for a, _ in pairs], dtype=np.int64)
+    sec = np.array([s for _, s in pairs], dtype=np.int64)
+    keys = state.holding_keys(acct, sec, n_sec)
+    given_keys = keys.astype(np.uint32) if narrow else keys.copy()
+    got_acct, got_sec = state.split_holding_keys(given_keys, n_sec, consume=consume)
+    assert got_acct.dtype == np.int64 and got_sec.dtype == np.int32
+    assert got_acct.tolist() == acct.tolist() and got_sec.tolist() == sec.tolist()
+    if not consume or narrow:
+        assert given_keys.astype(np.int64).tolist() == keys.tolist()
+
+
 @given(markets=st.lists(st.one_of(st.none(), st.sampled_from(["XSHG", "XSHE", "xshg", "XNYS", "", "XSHG "])),
                         max_size=30))
 def test_market_codes_are_the_dense_codes_of_known_markets(markets):
