@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from settle_arrow import money, schema
 from settle_arrow.refdata import RefData
-from settle_arrow.state import argsort_keys, sort_keys
+from settle_arrow.state import argsort_keys
 from settle_arrow.storage.base import Storage, ids_in_key_order
 
 FEE_COLS = [f"{side}_{col}" for side in ("buy", "sell") for col in schema.FEE_COLUMNS.values()]
@@ -77,7 +77,7 @@ def _assign(storage: Storage, table: str, keys: pl.DataFrame) -> tuple[np.ndarra
     )
     new_rows = joined.filter(missing).select(["id", *cols]).to_arrow()
     ids = joined["id"].to_numpy().astype(np.int32)
-    ordered = sort_keys(ids)
+    ordered = np.sort(ids)
     assert not (ordered[1:] == ordered[:-1]).any(), f"{table}: two keys share an id"
     return ids, new_rows
 

@@ -32,7 +32,7 @@ from settle_arrow import schema
 from settle_arrow.errors import UserError
 from settle_arrow.io.files import SourceError, file_sha256, read_frame
 from settle_arrow.io.parse import ColumnTypeError, coerce
-from settle_arrow.state import MARKET_CODES, holding_keys, market_codes, sort_keys, split_holding_keys, stable_sort
+from settle_arrow.state import MARKET_CODES, holding_keys, market_codes, split_holding_keys, stable_sort
 
 RATE_SCALE = 10**8
 SMALL_DOMAIN_MAX = 4096  # StringIndex: up to this many values, look up by a cast to an Enum of them
@@ -66,11 +66,10 @@ class StringIndex:
         # A small domain (trading units) is cheaper through a cast to an Enum of its values,
         # whose physical codes are the ids, than through the hash table (measured: ~2x at 60
         # values, 200 k keys) or Polars' exact replace (200,000 keys: 3.4 -> 2.4 ms).
-        self._small = len(values) <= small_max
-        self._enum = pl.Enum(self._values) if self._small else None
+        self._enum = pl.Enum(self._values) if len(values) <= small_max else None
         hashes = self._values.hash(**_HASH_SEEDS).to_numpy() | np.uint64(1)  # 0 marks an empty slot
         # Two reference strings sharing a hash would hide one of them: exact joins instead.
-        ordered = sort_keys(hashes)
+        ordered = np.sort(hashes)
         self._exact_only = bool((ordered[1:] == ordered[:-1]).any())
         # Distinct hashes are distinct values: only shared ones need the strings counted
         # (a million account ids: 0.12 s a start, measured; load_refdata checks its keys).

@@ -53,7 +53,9 @@ assert len(MARKET_CODES) <= 1 << (64 - DAY_BITS - TRADE_ID_BITS), "market codes 
 # 1.1 ms of wall a 10,000-row window, measured), where NumPy's argsort of 10,000 keys takes
 # 0.35 ms. Above ~30,000 keys Polars' parallel arg_sort is the faster on a machine without
 # AVX-512 (AVX2, NumPy 2.4: 100 k keys 4.7 against 3.4 ms, 2 M 125 against 72 ms), NumPy's
-# with it (200 k: 3.3 against 6.9 ms), measured.
+# with it (200 k: 3.3 against 6.9 ms), measured. Plain sorts are NumPy's np.sort at every
+# size: NumPy 2.4's SIMD sort beats Polars' with AVX2 alone (int64: 100 k keys 1.5 against
+# 2.3 ms, 10 M 0.17 against 0.21 s) and by 2x with AVX-512, measured.
 ARGSORT_NUMPY_KEYS_MAX = 32_768
 # A large run (SAMPLED_RUN_ROWS_MIN keys or more) holding SAMPLED_RUN_PROBE_RATIO keys per
 # probe is searched through a sample of every SAMPLE_STRIDE-th key (kernels.find_in_run):
@@ -152,13 +154,6 @@ def split_holding_keys(keys: np.ndarray, n_sec: int, consume: bool = False) -> t
     return np.floor_divide(wide, n_sec, out=wide if in_place else None), sec_idx
 
 
-def sort_keys(keys: np.ndarray) -> np.ndarray:
-    """A sorted copy of integer `keys`. NumPy's sort at every size: NumPy 2.4's SIMD sort
-    is faster than Polars' with AVX2 alone (measured, NumPy 2.4, int64: 100 k keys
-    1.5 against 2.3 ms, 10 M 0.17 against 0.21 s) and 2x faster with AVX-512."""
-    return np.sort(keys)
-
-
 def argsort_keys(keys: np.ndarray) -> np.ndarray:
     """An order that sorts integer `keys`, for keys that are unique or whose order among
     equals does not matter (see ARGSORT_NUMPY_KEYS_MAX)."""
@@ -193,7 +188,7 @@ def stable_sort(keys: np.ndarray, consume: bool = False) -> tuple[np.ndarray, np
 
 def unique_sorted(keys: np.ndarray) -> np.ndarray:
     """Sorted distinct keys (np.unique hashes first: ~10x slower on millions of uint64)."""
-    keys = sort_keys(keys)
+    keys = np.sort(keys)
     return keys[np.concatenate(([True], keys[1:] != keys[:-1]))] if len(keys) else keys
 
 
@@ -336,7 +331,7 @@ class SortedRuns:
                 order = argsort_keys(keys)  # the keys are unique
                 run = (keys[order], {c: np.asarray(v, dtype=self.payload_types[c])[order] for c, v in payload.items()})
             else:  # keys alone: a sort, no order to gather by (100 k keys: 2.6 against 5.8 ms)
-                run = (sort_keys(keys), {})
+                run = (np.sort(keys), {})
             assert bool((run[0][1:] > run[0][:-1]).all()), "keys must be unique"
         self.runs.append(run)
         while len(self.runs) - self.n_frozen >= 2 and len(self.runs[-2][0]) <= 2 * len(self.runs[-1][0]):
