@@ -9,8 +9,12 @@ commit: test_exactly_once.py, on both backends.)"""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import shutil
+import threading
+import time
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -21,6 +25,7 @@ import pytest
 
 from settle_arrow import copy_target, open_target, replay, schema
 from settle_arrow.generate import MarketSpec, generate_market
+from settle_arrow.storage import duckdb as duckdb_storage
 from settle_arrow.storage import open_storage
 from settle_arrow.storage.duckdb import COMMITTED_MACRO, SEGMENTS_DIR_SUFFIX, DuckDBStorage, remove_target
 
@@ -122,6 +127,7 @@ def test_rolled_back_windows_leave_no_rows_and_no_files(tmp_path, monkeypatch):
         storage.commit_window(1, {"trade_facts": _facts(50)}, _checkpoint(50), ())
         before = _segments(db)
         storage.stage_window(2, {"trade_facts": _facts(40, 100)})
+        storage._wait_writes(0)
         assert len(_segments(db)) == len(before) + 1  # written before the commit...
         storage.abort_window()
         assert _segments(db) == before  # ...and gone with the rollback
@@ -135,6 +141,105 @@ def test_rolled_back_windows_leave_no_rows_and_no_files(tmp_path, monkeypatch):
     finally:
         storage.close()
     assert _count(db) == 90
+
+
+def _slow_writes(monkeypatch, seconds: float, fail: str | None = None) -> list[str]:
+    """Segment files written by the writer thread `seconds` late (or, with `fail`, an
+    OSError of that text after a partial file, as a full disk would leave it); the list
+    fills with each file's name as its write ends."""
+    real, done = duckdb_storage._write_file, []
+
+    def write(data: pa.Table, partial: Path, path: Path) -> None:
+        time.sleep(seconds)
+        if fail:
+            partial.write_bytes(b"PAR1 half a file")
+            raise OSError(fail)
+        real(data, partial, path)
+        done.append(path.name)
+
+    monkeypatch.setattr(duckdb_storage, "_write_file", write)
+    return done
+
+
+@contextlib.contextmanager
+def _new_storage(tmp_path: Path) -> Iterator[tuple[Path, DuckDBStorage]]:
+    """A new TARGET's file and its writing storage, closed after the block."""
+    db = tmp_path / "t.duckdb"
+    storage = open_storage(str(db))
+    try:
+        storage.ensure_schema()
+        yield db, storage
+    finally:
+        storage.close()
+
+
+def test_a_commit_waits_for_its_segment_writes(tmp_path, monkeypatch):
+    """The files are written beside the transaction's other statements, and complete,
+    renamed and durable before its COMMIT: a reader sees the rows as the commit returns."""
+    with _new_storage(tmp_path) as (db, storage):
+        before = _segments(db)
+        done = _slow_writes(monkeypatch, 0.3)
+        storage.commit_window(1, {"trade_facts": _facts(30)}, _checkpoint(30), ())
+        assert len(done) == 1 and _segments(db) == sorted([*before, *done])
+        assert _count_beside(storage) == 30
+    assert _count(db) == 30
+
+
+def _count_beside(storage: DuckDBStorage) -> int:
+    reader = storage.reader()
+    try:
+        return reader.count("trade_facts")
+    finally:
+        reader.close()
+
+
+def test_a_failed_segment_write_rolls_its_window_back(tmp_path, monkeypatch):
+    """A write that fails in the writer thread (a full disk) fails its window's commit:
+    nothing of the window shows, the half file goes at the next writer's open, and the
+    same storage commits the window once the disk has room again."""
+    with _new_storage(tmp_path) as (db, storage):
+        storage.commit_window(1, {"trade_facts": _facts(30)}, _checkpoint(30), ())
+        committed = _segments(db)
+        _slow_writes(monkeypatch, 0.0, fail="No space left on device")
+        with pytest.raises(OSError, match="No space left"):
+            storage.commit_window(2, {"trade_facts": _facts(5, 100)}, _checkpoint(5), ())
+        assert storage.max_window_id() == 1 and _count_beside(storage) == 30
+        assert [n for n in _segments(db) if not n.endswith(".tmp")] == committed
+        monkeypatch.undo()
+        storage.commit_window(2, {"trade_facts": _facts(5, 100)}, _checkpoint(5), ())
+    assert _count(db) == 35
+    open_storage(str(db)).close()  # the next writer's open sweeps the half file
+    assert not [n for n in _segments(db) if n.endswith(".tmp")]
+
+
+def test_a_rollback_waits_for_the_writes_in_flight(tmp_path, monkeypatch):
+    """A window whose transaction fails while its file is still being written: the file
+    is deleted once written, never left behind for a later open to find."""
+    with _new_storage(tmp_path) as (db, storage):
+        before = _segments(db)
+        done = _slow_writes(monkeypatch, 0.3)
+        monkeypatch.setattr(type(storage), "_put_meta", lambda self, values: (_ for _ in ()).throw(OSError("disk")))
+        with pytest.raises(OSError, match="disk"):
+            storage.commit_window(1, {"trade_facts": _facts(30)}, _checkpoint(30), (), meta={"k": "v"})
+        assert len(done) == 1  # written to the end before its file was deleted
+        assert _segments(db) == before
+        time.sleep(0.1)
+        assert _segments(db) == before
+
+
+def test_a_window_in_pieces_bounds_its_writes_in_flight(tmp_path, monkeypatch):
+    """Each write in flight holds its piece: a window handed over in pieces faster than
+    they are written waits, so at most SEGMENT_WRITES_PENDING_MAX pieces are held; the
+    writer thread ends with the storage."""
+    with _new_storage(tmp_path) as (db, storage):
+        done = _slow_writes(monkeypatch, 0.05)
+        for piece in range(5):
+            storage.stage_window(1, {"trade_facts": _facts(10, 100 * piece)})
+            assert len(storage._writes) <= duckdb_storage.SEGMENT_WRITES_PENDING_MAX
+        storage.commit_window(1, {}, _checkpoint(50), ())
+        assert len(done) == 5 and _count_beside(storage) == 50
+        assert any(t.name.startswith("settle-segments") for t in threading.enumerate())
+    assert not any(t.name.startswith("settle-segments") for t in threading.enumerate())
 
 
 def test_a_killed_windows_files_are_invisible_then_swept(tmp_path):

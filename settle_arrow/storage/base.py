@@ -370,7 +370,8 @@ class Storage(abc.ABC):
         self._appends_with_ids({name: _with_window_id(data, window_id) for name, data in appends.items()})
 
     def _appends_with_ids(self, appends: Mapping[str, pa.Table]) -> None:
-        for name, data in appends.items():
+        # The backend's file tables first: their files are written while the rest go in.
+        for name, data in sorted(appends.items(), key=lambda item: item[0] not in self.file_tables):
             assert name in schema.WINDOW_APPENDS, name
             if data.num_rows:
                 self._append(name, conform(data, schema.STORAGE[name]))
