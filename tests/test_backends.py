@@ -266,6 +266,28 @@ def test_transaction_commits_whole_or_not_at_all(new_target):
         storage.close()
 
 
+def test_pg_binds_no_datetime_which_would_end_the_transaction(pg_backend, tmp_path):
+    """The ADBC PostgreSQL driver commits the open transaction when a statement binds a
+    timezone-aware datetime (apache/arrow-adbc#2410): the storage refuses to bind one,
+    while times appended through Arrow stay inside the transaction."""
+    storage = open_storage(pg_backend.new(tmp_path))
+    try:
+        storage.ensure_schema()
+        now = dt.datetime.now(dt.UTC)
+        with pytest.raises(AssertionError, match="bind no datetime"):
+            storage._execute("SELECT CAST(? AS TIMESTAMPTZ)", (now,))
+        with pytest.raises(RuntimeError, match="disk full"):
+            with storage.transaction():
+                storage._put_meta({"a": "1"})
+                storage._append("checkpoints", pa.Table.from_pylist(
+                    [{"window_id": 1, "source": "s", "offset": 0, "rows": 0, "committed_at": now, "digest": ""}],
+                    schema=schema.STORAGE["checkpoints"]))
+                raise RuntimeError("disk full")
+        assert "a" not in storage.meta() and storage.count("checkpoints") == 0
+    finally:
+        storage.close()
+
+
 def test_pg_placeholders():
     assert pg_placeholders("SELECT ? , ?") == "SELECT $1 , $2"
     assert pg_placeholders("SELECT '?', \"a?\" FROM t WHERE x = ? AND y = 'it''s?'") == (
